@@ -1,0 +1,309 @@
+"""Typed configuration: dataclasses loaded from YAML, `--set key=value` overrides, validation with clear errors.
+
+Every key is checked: an unknown key names the allowed ones, a wrong type names the expected one, and a
+value outside its choices names the allowed values. A config is saved with each run (config.yaml) so that a
+run folder is self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+MODEL_KINDS = ("flow", "generator", "ar", "mdlm")
+
+
+@dataclass
+class DataConfig:
+    source: str = "shakespeare"  # the embedded Tiny Shakespeare; or text, ptb, ptb-char, wikitext2, text8
+    path: str | None = None  # a text file (source=text) or a folder (ptb, ptb-char, wikitext2, text8)
+    tokenizer: str = "char"  # char | bpe (trained on the training split) | gpt2 (encoder.json + vocab.bpe)
+    vocab_size: int = 512  # for tokenizer=bpe
+    tokenizer_path: str | None = None  # folder with encoder.json and vocab.bpe, for tokenizer=gpt2
+    unk: bool = False  # char tokenizer: map characters unseen in training to <unk> instead of failing
+    seq_len: int = 64  # T, the window length in tokens
+    split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train/val/test of a plain text file
+    cache_dir: str | None = None  # tokenized-split cache; default $ONESTEP_LM_CACHE or ~/.cache/onestep-lm
+
+    CHOICES = {
+        "source": ("shakespeare", "text", "ptb", "ptb-char", "wikitext2", "text8"),
+        "tokenizer": ("char", "bpe", "gpt2"),
+    }
+
+    def validate(self) -> None:
+        if self.source in ("text", "ptb", "ptb-char", "wikitext2", "text8") and not self.path:
+            raise ConfigError(f"config key data.path is required when data.source is {self.source!r}")
+        if self.tokenizer == "gpt2" and not self.tokenizer_path:
+            raise ConfigError("config key data.tokenizer_path (a folder with encoder.json and vocab.bpe) is "
+                              "required when data.tokenizer is 'gpt2'")
+        _positive("data.seq_len", self.seq_len, minimum=2)
+        _positive("data.vocab_size", self.vocab_size, minimum=2)
+        if len(self.split) not in (2, 3) or any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"config key data.split: {self.split} must be 2 or 3 non-negative fractions "
+                              "summing to 1 (train, val[, test])")
+
+
+@dataclass
+class FlowConfig:
+    d: int = 8  # latent size per token
+    blocks: int = 4  # K TarFlow blocks, directions alternating
+    layers_per_block: int = 2  # transformer layers inside each block
+    width: int = 128
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    clip: float = 3.0  # log-scale soft clip: a = clip * tanh(a_raw / clip)
+    mu_init: float = 1.0  # std of the codebook means at initialisation
+    sigma_init: float = 0.3  # codebook scale at initialisation
+
+    def validate(self) -> None:
+        for key in ("d", "blocks", "layers_per_block", "width", "heads", "mlp_ratio"):
+            _positive(f"model.flow.{key}", getattr(self, key))
+        _divides("model.flow", self.width, self.heads)
+        _positive("model.flow.clip", self.clip)
+        _positive("model.flow.sigma_init", self.sigma_init)
+
+
+@dataclass
+class BackboneConfig:
+    """A plain transformer backbone (used by the AR and MDLM baselines)."""
+
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+
+    def validate(self, name: str = "model") -> None:
+        for key in ("width", "depth", "heads", "mlp_ratio"):
+            _positive(f"{name}.{key}", getattr(self, key))
+        _divides(name, self.width, self.heads)
+
+
+@dataclass
+class ModelConfig:
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    ar: BackboneConfig = field(default_factory=BackboneConfig)
+    mdlm: BackboneConfig = field(default_factory=BackboneConfig)
+
+    def validate(self) -> None:
+        self.flow.validate()
+        self.ar.validate("model.ar")
+        self.mdlm.validate("model.mdlm")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # the global batch, whatever the number of processes
+    micro_batch_size: int | None = None  # per-process micro-batch; gradients accumulate up to the batch
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    max_minutes: float | None = None  # stop early after this much training time (a time budget)
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    bf16: bool = False  # bf16 autocast (flow affine steps and log-dets stay float32)
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 200  # validation estimate every N steps (0: only at the end)
+    eval_batches: int = 8  # batches of validation windows for that estimate
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3  # checkpoints kept
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # per-model overrides of the keys above, e.g. {"max_steps": 500}
+    flow: dict[str, Any] = field(default_factory=dict)
+    generator: dict[str, Any] = field(default_factory=dict)
+    ar: dict[str, Any] = field(default_factory=dict)
+    mdlm: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.log_every", self.log_every)
+        _positive("train.checkpoint_every", self.checkpoint_every)
+        _positive("train.keep_last", self.keep_last)
+        _positive("train.max_nonfinite", self.max_nonfinite)
+        if self.warmup_steps < 0 or self.eval_every < 0:
+            raise ConfigError("config keys train.warmup_steps and train.eval_every must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"config key train.min_lr_ratio: {self.min_lr_ratio} must be in [0, 1]")
+        if len(self.betas) != 2:
+            raise ConfigError(f"config key train.betas: {self.betas} must be two numbers")
+        for kind in MODEL_KINDS:
+            self.for_model(kind)  # validates the overrides
+
+    def for_model(self, kind: str) -> "TrainConfig":
+        """This config with the overrides of one model kind applied (overrides are checked like any key)."""
+        overrides = getattr(self, kind)
+        merged = {k: v for k, v in dataclasses.asdict(self).items() if k not in MODEL_KINDS}
+        for key, value in overrides.items():
+            if key not in merged:
+                raise ConfigError(f"unknown config key 'train.{kind}.{key}'; allowed keys: {', '.join(merged)}")
+            merged[key] = value
+        return _build(TrainConfig, merged, "train." + kind)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Config | None = None) -> Config:
+    """Read a YAML config (or start from `base`, or the defaults), apply `key=value` overrides, validate."""
+    raw: dict = base.to_dict() if base is not None else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    return _build(Config, raw, "").validate()
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set one `a.b.c=value` in a raw config mapping (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=3e-4)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {where or '(top level)'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(f"unknown config key '{key}'; allowed keys: {', '.join(names)}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], f"{where}.{name}" if where else name)
+    obj = cls(**values)
+    for name, allowed in getattr(cls, "CHOICES", {}).items():
+        if getattr(obj, name) not in allowed:
+            raise ConfigError(f"config key {where}.{name}: {getattr(obj, name)!r} is not one of "
+                              f"{', '.join(map(str, allowed))}")
+    return obj
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {where}: {value!r} is not of type {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {where}: {value!r} is not a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {where}: {value!r} is not a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {where}: {value!r} is not of type {_type_name(tp)}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    names = {type(None): "null", int: "integer", float: "number", str: "string", bool: "boolean (true/false)"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _positive(key: str, value: float, minimum: float | None = None) -> None:
+    if minimum is None and value <= 0:
+        raise ConfigError(f"config key {key}: {value} must be > 0")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"config key {key}: {value} must be >= {minimum}")
+
+
+def _divides(name: str, width: int, heads: int) -> None:
+    if width % heads:
+        raise ConfigError(f"config key {name}.heads: {heads} must divide {name}.width ({width})")

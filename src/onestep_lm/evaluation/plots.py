@@ -1,0 +1,56 @@
+"""PNG plots of runs: training curves and the histogram of encoded latents against the N(0, 1) density."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(runs: dict[str, Path], out: Path) -> Path:
+    """Training loss (and validation bits per token where logged) against step, one line per run."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, run_dir in runs.items():
+        records = read_metrics(run_dir)
+        steps = [r["step"] for r in records if "loss" in r]
+        ax.plot(steps, [r["loss"] for r in records if "loss" in r], label=f"{name} train loss")
+        val = [(r["step"], r["val_bits_per_token"]) for r in records if "val_bits_per_token" in r]
+        if val:
+            ax.plot(*zip(*val), "o--", label=f"{name} validation bits/token")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per token (flow: <= bound)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_latent_histogram(z, out: Path, title: str = "encoded validation z") -> Path:
+    flat = np.asarray(z, dtype=np.float64).reshape(-1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lim = max(4.0, float(np.quantile(np.abs(flat), 0.999)))
+    ax.hist(flat, bins=120, range=(-lim, lim), density=True, alpha=0.6, label=title)
+    grid = np.linspace(-lim, lim, 400)
+    ax.plot(grid, np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), "k-", label="N(0, 1) density")
+    ax.set_xlabel("z (all coordinates)")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

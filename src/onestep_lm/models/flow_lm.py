@@ -1,0 +1,111 @@
+"""Stage A: the flow language model. Gaussian codebook -> TarFlow -> N(0, I), trained by the ELBO.
+
+    log p(x) >= E_{u ~ q(.|x)} [ log p(x|u) + log N(f(u); 0, I) + log|det df/du| - log q(u|x) ]
+
+Each term is kept separately (in nats per sequence): the decoder NLL -log p(x|u), the prior NLL
+-log N(z; 0, I), the log-det, and the encoder entropy -log q(u|x). The negative ELBO is
+    decoder + prior - logdet - entropy
+and is an upper bound on -log p(x). With S samples of u, the importance-weighted bound
+-log (1/S) sum_s w_s (w_s the ELBO's integrand) is tighter and still a bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..config import FlowConfig
+from .codebook import LOG_2PI, GaussianCodebook
+from .tarflow import AffineBlock
+
+LN2 = math.log(2)
+
+
+class FlowLM(nn.Module):
+    kind = "flow"
+    bound = True  # nll() is an upper bound on the negative log-likelihood
+
+    def __init__(self, vocab_size: int, seq_len: int, cfg: FlowConfig):
+        super().__init__()
+        self.vocab_size, self.seq_len, self.d = vocab_size, seq_len, cfg.d
+        self.codebook = GaussianCodebook(vocab_size, cfg.d, cfg.mu_init, cfg.sigma_init)
+        self.blocks = nn.ModuleList(
+            AffineBlock(cfg.d, seq_len, cfg.width, cfg.layers_per_block, cfg.heads, reverse=k % 2 == 1,
+                        clip=cfg.clip, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
+            for k in range(cfg.blocks))
+
+    # ---- the flow f: u -> z and its exact inverse -------------------------------------------------------
+    def flow(self, u: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """z = f(u), log|det df/du| (B,), the latents [u = v_0, v_1, ..., v_K = z] and each block's hidden states."""
+        logdet = torch.zeros(u.shape[0], device=u.device)
+        latents, hidden = [u], []
+        v = u
+        for block in self.blocks:
+            v, ld, h = block(v)
+            logdet = logdet + ld
+            latents.append(v)
+            hidden.append(h)
+        return v, logdet, latents, hidden
+
+    @torch.no_grad()
+    def inverse(self, z: Tensor, use_cache: bool = True) -> Tensor:
+        """u = f^{-1}(z): blocks in reverse order, each one position at a time."""
+        v = z.float()
+        for block in reversed(self.blocks):
+            v = block.inverse(v, use_cache=use_cache)
+        return v
+
+    # ---- the objective ----------------------------------------------------------------------------------
+    def elbo_terms(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The ELBO's terms in nats per sequence (B,), with `neg_elbo` their sum, and the latents."""
+        eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
+        u, log_q = self.codebook.sample(x, eps)
+        z, logdet, latents, _ = self.flow(u)
+        decoder = -self.codebook.log_posterior(u).gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(-1)
+        prior = 0.5 * (z ** 2).sum(dim=(1, 2)) + 0.5 * z.shape[1] * self.d * LOG_2PI
+        entropy = -log_q.sum(-1)
+        neg_elbo = decoder + prior - logdet - entropy
+        return {"neg_elbo": neg_elbo, "decoder": decoder, "prior": prior, "logdet": logdet,
+                "entropy": entropy, "latents": latents}
+
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Training loss: the negative ELBO in bits per token; metrics hold each term (bits per token)."""
+        terms = self.elbo_terms(x)
+        per_token = x.shape[0] * x.shape[1] * LN2
+        metrics = {k: terms[k].detach().sum() / per_token for k in ("decoder", "prior", "logdet", "entropy")}
+        for k, v in enumerate(terms["latents"][1:], start=1):
+            metrics[f"z2_block{k}"] = (v.detach() ** 2).mean()
+        loss = terms["neg_elbo"].sum() / per_token
+        return loss, metrics
+
+    forward = loss  # the trainer (and DDP) call model(x)
+
+    @torch.no_grad()
+    def nll(self, x: Tensor, samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """An upper bound on -log p(x) in nats per sequence (B,): the ELBO, or with samples > 1 the
+        importance-weighted bound -log (1/S) sum_s exp(ELBO_s)."""
+        bounds = torch.stack([self.elbo_terms(x, generator)["neg_elbo"] for _ in range(samples)])
+        return -(torch.logsumexp(-bounds, dim=0) - math.log(samples))
+
+    # ---- encode, decode, sample -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """z = f(u) with u = mu_x (default) or u ~ q(.|x)."""
+        eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator) if sample else \
+            torch.zeros(*x.shape, self.d, device=x.device)
+        return self.flow(self.codebook.sample(x, eps)[0])[0]
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, use_cache: bool = True) -> Tensor:
+        """Tokens from latents: the exact inverse, then the tied decoder's argmax."""
+        return self.codebook.decode(self.inverse(z, use_cache=use_cache))
+
+    @torch.no_grad()
+    def sample(self, n: int, seq_len: int | None = None, tau: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """z ~ N(0, tau^2 I) -> exact inverse -> decode."""
+        device = self.codebook.mu.device
+        z = tau * torch.randn(n, seq_len or self.seq_len, self.d, device=device, generator=generator)
+        return self.decode(z)

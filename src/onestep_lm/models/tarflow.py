@@ -1,0 +1,68 @@
+"""TarFlow blocks: transformer autoregressive affine flows (METHOD.md, Stage A).
+
+Block k reads its input v (B, T, d) in its own order (left-to-right, or right-to-left when `reverse`). A causal
+transformer fed [start, v_0, ..., v_{T-2}] gives, for every position t, a log-scale a_t and a shift b_t from the
+positions before t only (the learned start token means position 0 is transformed too):
+    y_t = (v_t - b_t) * exp(-a_t),       log|det| = - sum_t sum_i a_{t,i}
+The inverse is exact and sequential, v_t = y_t * exp(a_t) + b_t, one position at a time; a KV cache makes each
+step one token's worth of work. The output head is zero-initialised (every block starts as the identity), the
+log-scale is soft-clipped, a = clip * tanh(a_raw / clip), and the affine step and log-det run in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.transformer import KVCache, Transformer, init_weights
+
+
+class AffineBlock(nn.Module):
+    def __init__(self, d: int, seq_len: int, width: int, depth: int, heads: int, reverse: bool,
+                 clip: float = 3.0, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.d, self.reverse, self.clip = d, reverse, clip
+        self.inp = nn.Linear(d, width)
+        self.start = nn.Parameter(torch.randn(width) * 0.02)
+        self.net = Transformer(width, depth, heads, seq_len, causal=True, mlp_ratio=mlp_ratio, dropout=dropout)
+        self.head = nn.Linear(width, 2 * d)
+        init_weights(self)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def _in_order(self, v: Tensor) -> Tensor:
+        return v.flip(1) if self.reverse else v
+
+    def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.head(h).float().chunk(2, dim=-1)
+        return self.clip * torch.tanh(a / self.clip), b
+
+    def forward(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """y = f_k(v), its log|det| per sequence (B,), and the transformer's hidden states (B, T, width)."""
+        w = self._in_order(v)
+        B = w.shape[0]
+        start = self.start.to(w.dtype).expand(B, 1, -1)
+        h = self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
+        a, b = self._scale_shift(h)
+        y = (w.float() - b) * torch.exp(-a)
+        return self._in_order(y), -a.sum(dim=(1, 2)), h
+
+    @torch.no_grad()
+    def inverse(self, y: Tensor, use_cache: bool = True) -> Tensor:
+        """v = f_k^{-1}(y), position by position in the block's order."""
+        w_y = self._in_order(y).float()
+        B, T, _ = w_y.shape
+        w = torch.empty_like(w_y)
+        h_in = self.start.expand(B, 1, -1).to(w_y.dtype)
+        cache = KVCache() if use_cache else None
+        for t in range(T):
+            if use_cache:
+                h = self.net(h_in, start=t, cache=cache)[:, -1]
+            else:  # recompute the whole prefix: the reference the cached path is tested against
+                prefix = torch.cat([h_in, self.inp(w[:, :t])], dim=1) if t else h_in
+                h = self.net(prefix)[:, -1]
+            a, b = self._scale_shift(h)
+            w[:, t] = w_y[:, t] * torch.exp(a) + b
+            if use_cache:
+                h_in = self.inp(w[:, t:t + 1])
+        return self._in_order(w)
