@@ -38,14 +38,15 @@ class AffineBlock(nn.Module):
         return self.clip * torch.tanh(a / self.clip), b
 
     def forward(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """y = f_k(v), its log|det| per sequence (B,), and the transformer's hidden states (B, T, width)."""
+        """y = f_k(v), its log|det| per sequence (B,), and the transformer's hidden states (B, T, width), all in
+        the natural position order (the state at t is computed from the positions before t in block order)."""
         w = self._in_order(v)
         B = w.shape[0]
         start = self.start.to(w.dtype).expand(B, 1, -1)
         h = self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
         a, b = self._scale_shift(h)
         y = (w.float() - b) * torch.exp(-a)
-        return self._in_order(y), -a.sum(dim=(1, 2)), h
+        return self._in_order(y), -a.sum(dim=(1, 2)), self._in_order(h)
 
     @torch.no_grad()
     def inverse(self, y: Tensor, use_cache: bool = True) -> Tensor:
