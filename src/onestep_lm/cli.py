@@ -48,23 +48,33 @@ def _config_for(args, kind: str):
 
 
 def cmd_train(args) -> None:
-    from .runs import train_run
+    from .runs import generator_setup, train_run
 
     cfg = _config_for(args, args.kind)
+    context, tokenizer = {}, None
+    if args.kind == "generator" and not args.resume:
+        cfg, context, tokenizer = generator_setup(cfg, args.flow)
     summary = train_run(args.kind, cfg, args.out, resume=args.resume, progress=not args.no_progress,
-                        tensorboard=args.tensorboard)
+                        tensorboard=args.tensorboard, context=context, tokenizer=tokenizer)
     print(json.dumps(summary))
 
 
 def cmd_eval(args) -> None:
+    from .evaluation.generator import evaluate_generator, format_generator
     from .evaluation.likelihood import evaluate_likelihood, format_likelihood, write_eval
     from .runs import open_run
 
     run = open_run(args.run, device=args.device)
-    result = evaluate_likelihood(run, split=args.split, samples=args.samples, seed=args.seed,
-                                 batch_size=args.batch_size, progress=not args.no_progress)
+    if run.kind == "generator":
+        result = evaluate_generator(run, split=args.split, seed=args.seed, batch_size=args.batch_size,
+                                    progress=not args.no_progress)
+        text = format_generator(result)
+    else:
+        result = evaluate_likelihood(run, split=args.split, samples=args.samples, seed=args.seed,
+                                     batch_size=args.batch_size, progress=not args.no_progress)
+        text = format_likelihood(result)
     write_eval(run, result)
-    print(format_likelihood(result))
+    print(text)
     print(f"wrote {run.dir / 'eval.json'}")
 
 
@@ -74,7 +84,8 @@ def cmd_sample(args) -> None:
     from .sampling import sample_tokens
 
     run = open_run(args.run, device=args.device)
-    tokens = sample_tokens(run, args.n, sampler=args.sampler, seed=args.seed, tau=args.tau)
+    tokens = sample_tokens(run, args.n, sampler=args.sampler, seed=args.seed, tau=args.tau,
+                           temperature=args.temperature)
     texts = [run.tokenizer.decode(t.tolist()) for t in tokens]
     if args.out is not None:
         write_text_atomic(args.out, "".join(json.dumps({"text": t, "seed": args.seed, "index": i}) + "\n"
@@ -98,9 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model")
     kinds = train.add_subparsers(dest="kind", required=True)
-    for kind, text in (("flow", "Stage A: the TarFlow text encoder"),):
+    for kind, text in (("flow", "Stage A: the TarFlow text encoder"),
+                       ("generator", "Stage B: the one-step generator on a trained flow (--flow)")):
         p = kinds.add_parser(kind, help=text)
         _add_train_args(p)
+        if kind == "generator":
+            p.add_argument("--flow", type=Path, help="the trained flow's run folder (not needed with --resume)")
         p.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="likelihood of a split; writes RUN/eval.json")
@@ -116,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="draw texts from a run")
     sa.add_argument("--run", type=Path, required=True)
     sa.add_argument("-n", type=int, default=4)
-    sa.add_argument("--sampler", help="flow-inverse (flow runs)")
+    sa.add_argument("--sampler", help="onestep | flow-inverse (generator runs); flow-inverse (flow runs)")
     sa.add_argument("--tau", type=float, default=1.0, help="prior temperature: z ~ N(0, tau^2 I)")
+    sa.add_argument("--temperature", type=float, default=0.0,
+                    help="softmax temperature of the token draws (0: argmax; draws are float64)")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", type=Path, help="also write the samples as JSON lines")
     sa.add_argument("--device", default="cpu")

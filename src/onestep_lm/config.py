@@ -89,13 +89,51 @@ class BackboneConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """Stage B: the one-step generator G (z -> logits), a bidirectional transformer."""
+
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    positions: str = "learned"  # learned | rotary
+    deterministic_u: bool = False  # train on z = f(mu_x) instead of z = f(u), u ~ q(.|x) fresh at every visit
+    align_lambda: float = 0.0  # weight of the alignment loss (0 turns it off)
+    align_target: str = "latents"  # latents (v_{K-j} along the inverse path) | hidden (flow block hidden states)
+    # [generator layer (1..depth), j (1..K)] pairs; empty: pair layer round(j * depth / K) with j = 1..K
+    align_pairs: list[list[int]] = field(default_factory=list)
+
+    CHOICES = {"positions": ("learned", "rotary"), "align_target": ("latents", "hidden")}
+
+    def validate(self, flow_blocks: int) -> None:
+        for key in ("width", "depth", "heads", "mlp_ratio"):
+            _positive(f"model.generator.{key}", getattr(self, key))
+        _divides("model.generator", self.width, self.heads)
+        if self.align_lambda < 0:
+            raise ConfigError(f"config key model.generator.align_lambda: {self.align_lambda} must be >= 0")
+        for pair in self.align_pairs:
+            if len(pair) != 2 or not 1 <= pair[0] <= self.depth or not 1 <= pair[1] <= flow_blocks:
+                raise ConfigError(f"config key model.generator.align_pairs: {pair} must be [layer, j] with "
+                                  f"1 <= layer <= {self.depth} and 1 <= j <= {flow_blocks}")
+
+    def pairs(self, flow_blocks: int) -> list[tuple[int, int]]:
+        """(generator layer, j) pairs: layer l learns the state the exact inverse reaches after j blocks."""
+        if self.align_pairs:
+            return [(int(a), int(b)) for a, b in self.align_pairs]
+        return [(max(1, round(j * self.depth / flow_blocks)), j) for j in range(1, flow_blocks + 1)]
+
+
+@dataclass
 class ModelConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     ar: BackboneConfig = field(default_factory=BackboneConfig)
     mdlm: BackboneConfig = field(default_factory=BackboneConfig)
 
     def validate(self) -> None:
         self.flow.validate()
+        self.generator.validate(self.flow.blocks)
         self.ar.validate("model.ar")
         self.mdlm.validate("model.mdlm")
 

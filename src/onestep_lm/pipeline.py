@@ -1,9 +1,12 @@
-"""`onestep-lm run`: the main job. Train the flow, evaluate it, sample from it, and write a report folder:
+"""`onestep-lm run`: the main job. Train the flow (Stage A), train the one-step generator on it (Stage B),
+evaluate both, sample with each sampler, and write a report folder:
 
     OUT/flow/          the flow's run folder
+    OUT/generator/     the generator's run folder
     OUT/report.md      the configuration, the figures and a table of samples
     OUT/results.json   every figure of the report
-    OUT/*.png          training curves, histogram of encoded z against N(0, 1)
+    OUT/*.png          training curves of both stages, histogram of encoded z against the N(0, 1) density,
+                       teacher agreement by position
 An existing OUT is refused unless --resume is given; with --resume, finished stages are kept and an
 interrupted one continues from its newest checkpoint.
 """
@@ -19,11 +22,12 @@ import yaml
 from .config import Config, load_config
 from .data import prepare_data
 from .errors import DataError, RunError
+from .evaluation.generator import evaluate_generator
 from .evaluation.latents import encoded_latents, latent_stats
 from .evaluation.likelihood import evaluate_likelihood, write_eval
-from .evaluation.plots import plot_latent_histogram, plot_training_curves
+from .evaluation.plots import plot_agreement_by_position, plot_latent_histogram, plot_training_curves
 from .io import read_json, write_json, write_text_atomic
-from .runs import check_new_run_dir, open_run, train_run
+from .runs import check_new_run_dir, generator_setup, open_run, train_run
 from .sampling import sample_tokens
 
 
@@ -38,7 +42,11 @@ def _stage(kind: str, cfg: Config, out: Path, resume: bool, progress: bool) -> P
     if (run_dir / "train_summary.json").is_file():  # written when a stage's training has finished
         print(f"{kind}: already trained in {run_dir}", file=sys.stderr)
         return run_dir
-    train_run(kind, cfg, run_dir, resume=resume and (run_dir / "run.json").is_file(), progress=progress)
+    context, tokenizer = {}, None
+    if kind == "generator":
+        cfg, context, tokenizer = generator_setup(cfg, out / "flow")
+    train_run(kind, cfg, run_dir, resume=resume and (run_dir / "run.json").is_file(), progress=progress,
+              context=context, tokenizer=tokenizer)
     return run_dir
 
 
@@ -54,7 +62,8 @@ def run_pipeline(config: str | Path | None = None, out: str | Path = "runs/demo"
     cfg.save(out / "config.yaml")
 
     flow_dir = _stage("flow", cfg, out, resume, progress)
-    flow = open_run(flow_dir)
+    gen_dir = _stage("generator", cfg, out, resume, progress)
+    flow, gen = open_run(flow_dir), open_run(gen_dir)
     results: dict = {"config": cfg.to_dict(), "flow": {"run": str(flow_dir)}}
     for split in ("val", "test"):
         try:
@@ -70,11 +79,23 @@ def run_pipeline(config: str | Path | None = None, out: str | Path = "runs/demo"
     data = prepare_data(cfg.data, tokenizer=flow.tokenizer)
     z = encoded_latents(flow.model, data.splits["val"].tokens, data.seq_len, cfg.train.batch_size)
     results["flow"]["encoded_z"] = latent_stats(z)
-    samples = sample_tokens(flow, n_samples, sampler="flow-inverse", seed=0)
-    results["samples"] = {"flow-inverse": [flow.tokenizer.decode(s.tolist()) for s in samples]}
+    gen_eval = evaluate_generator(gen, split="val", progress=progress)
+    write_eval(gen, gen_eval)
+    results["generator"] = {"run": str(gen_dir), "train": read_json(gen_dir / "train_summary.json"), **gen_eval}
 
-    plots = {"training_curves": plot_training_curves({"flow": flow_dir}, out / "training_curves.png").name,
-             "latent_histogram": plot_latent_histogram(z, out / "latent_histogram.png").name}
+    decode = flow.tokenizer.decode
+    results["samples"] = {
+        "flow-inverse": [decode(s.tolist()) for s in sample_tokens(flow, n_samples, "flow-inverse", seed=0)],
+        "onestep (temperature 0)": [decode(s.tolist()) for s in sample_tokens(gen, n_samples, "onestep", seed=0)],
+        "onestep (temperature 1)": [decode(s.tolist()) for s in
+                                    sample_tokens(gen, n_samples, "onestep", seed=0, temperature=1.0)],
+    }
+
+    plots = {"training_curves": plot_training_curves({"flow": flow_dir, "generator": gen_dir},
+                                                     out / "training_curves.png").name,
+             "latent_histogram": plot_latent_histogram(z, out / "latent_histogram.png").name,
+             "agreement_by_position": plot_agreement_by_position(
+                 gen_eval["teacher_agreement_by_position"], out / "agreement_by_position.png").name}
     results["plots"] = plots
     write_json(out / "results.json", results)
     write_text_atomic(out / "report.md", render_report(results))
@@ -105,8 +126,14 @@ def render_report(results: dict) -> str:
         lines.append(f"| {key} | {s[key]:.4f} | {ref[key]:.4f} |")
     lines += ["", f"Per-dimension means up to {s['max_abs_dim_mean']:.3f} in absolute value; per-dimension stds "
                   f"from {s['min_dim_std']:.3f} to {s['max_dim_std']:.3f}.", ""]
+    g = results["generator"]
+    lines += ["## One-step generator", "", "| figure | value |", "|---|---|",
+              f"| reconstruction accuracy (held-out val, z = f(u), u ~ q(.\\|x)) | {g['reconstruction_accuracy']:.4f} |",
+              f"| teacher agreement (z ~ N(0, I), {g['prior_samples']} samples) | {g['teacher_agreement']:.4f} |",
+              f"| training | {g['train']['step']} steps in {g['train']['elapsed_s'] / 60:.1f} min |", ""]
     lines += [f"![training curves]({results['plots']['training_curves']})", "",
-              f"![latent histogram]({results['plots']['latent_histogram']})", ""]
+              f"![latent histogram]({results['plots']['latent_histogram']})", "",
+              f"![agreement by position]({results['plots']['agreement_by_position']})", ""]
     lines += ["## Samples", ""]
     for sampler, texts in results["samples"].items():
         lines += [f"### {sampler} (seed 0)", ""]

@@ -51,7 +51,7 @@ def saved_config(run_dir: Path) -> Config:
 
 
 def train_run(kind: str, cfg: Config, out: Path, *, resume: bool = False, progress: bool = True,
-              tensorboard: bool = False, context: dict | None = None) -> dict:
+              tensorboard: bool = False, context: dict | None = None, tokenizer=None) -> dict:
     """Train a model of `kind` into the run folder `out` (or continue it with resume=True).
 
     `context` carries what some models need beyond the config (the generator: its frozen flow), and the
@@ -63,9 +63,9 @@ def train_run(kind: str, cfg: Config, out: Path, *, resume: bool = False, progre
         if meta["kind"] != kind:
             raise RunError(f"{out} is a {meta['kind']} run; cannot resume it as {kind}")
         tokenizer = load_tokenizer(out / "tokenizer.json")
+        context = {**_load_context(meta), **context}
     else:
         check_new_run_dir(out)
-        tokenizer = None
     data = prepare_data(cfg.data, tokenizer=tokenizer)
     torch.manual_seed(cfg.train.seed)
     model, record = build_model(kind, cfg, data.tokenizer.vocab_size, **context)
@@ -141,4 +141,16 @@ def open_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
 
 def _load_context(meta: dict) -> dict:
     """What build_model needs besides the config, recovered from run.json (e.g. a generator's flow)."""
+    if "flow" in meta:
+        return {"flow_dir": meta["flow"]["path"], "expected_flow_sha256": meta["flow"]["weights_sha256"]}
     return {}
+
+
+def generator_setup(cfg: Config, flow_dir: str | Path) -> tuple[Config, dict, object]:
+    """A generator trains on its flow's data and tokenizer: the config with the flow run's `data` and
+    `model.flow` sections, the build context, and the flow's tokenizer."""
+    flow_dir = Path(flow_dir)
+    flow_cfg = saved_config(flow_dir)
+    merged = Config(data=flow_cfg.data, model=cfg.model, train=cfg.train)
+    merged.model.flow = flow_cfg.model.flow
+    return merged.validate(), {"flow_dir": flow_dir}, load_tokenizer(flow_dir / "tokenizer.json")

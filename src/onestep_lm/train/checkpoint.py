@@ -121,6 +121,16 @@ def load_state(path: Path) -> dict:
     return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
 
 
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """A hash of a model's weights (names, dtypes, shapes and values), to tell one set of weights from another."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def require_checkpoint(run_dir: Path) -> Path:
     """The newest valid checkpoint of a run, or a clear error."""
     path = latest_checkpoint(run_dir)

@@ -27,7 +27,6 @@ from ..errors import ConfigError, TrainingError
 from . import distributed
 from .checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
 
-LN2 = math.log(2)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -48,21 +47,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def validation_bits(model: nn.Module, tokens, seq_len: int, batch_size: int, max_batches: int | None,
-                    seed: int, device: torch.device) -> float:
-    """Bits per token of model.nll over the first `max_batches` batches of evaluation windows (all if None)."""
+def validation_metrics(model: nn.Module, tokens, seq_len: int, batch_size: int, max_batches: int | None,
+                       seed: int) -> dict[str, float]:
+    """The training loss and metrics averaged (per token) over the first `max_batches` batches of evaluation
+    windows, with the model's noise seeded and the training RNG left untouched."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total, count = 0.0, 0
-    for i, x in enumerate(eval_windows(tokens, seq_len, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = x.to(device)
-        total += model.nll(x, generator=generator).double().sum().item()
-        count += x.numel()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    count = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i, x in enumerate(eval_windows(tokens, seq_len, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            loss, metrics = model(x.to(device))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * x.numel()
+            count += x.numel()
     model.train(was_training)
-    return total / max(count, 1) / LN2
+    return {f"val_{k}": v / max(count, 1) for k, v in sums.items()}
 
 
 class Trainer:
@@ -208,26 +212,27 @@ class Trainer:
                             **{k: float(v) for k, v in metrics.items()})
                 bar.set_postfix(loss=f"{loss:.4f}")
             if cfg.eval_every and self.step % cfg.eval_every == 0 and "val" in self.data.splits:
-                last["val_bits_per_token"] = self.validate()
+                last.update(self.validate())
             if len(last) > 2:
                 self._log(log_path, last)
             if self.step % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()
-        if "val" in self.data.splits and "val_bits_per_token" not in last:
-            last["val_bits_per_token"] = self.validate()
-            self._log(log_path, {"step": self.step, "val_bits_per_token": last["val_bits_per_token"]})
+        if "val" in self.data.splits and "val_loss" not in last:
+            val = self.validate()
+            last.update(val)
+            self._log(log_path, {"step": self.step, **val})
         self.save()
         if self.tb is not None:
             self.tb.close()
         return {**last, "step": self.step, "stopped": stopped, "elapsed_s": round(self.elapsed, 3),
                 "tokens_per_s": round(tokens_per_step * self.step / max(self.elapsed, 1e-9), 1)}
 
-    def validate(self) -> float:
+    def validate(self) -> dict[str, float]:
         if not self.dist.main:
-            return float("nan")
-        return validation_bits(self.model, self.data.splits["val"].tokens, self.data.seq_len,
-                               self.local_batch, self.cfg.eval_batches, self.cfg.seed, self.device)
+            return {}
+        return validation_metrics(self.model, self.data.splits["val"].tokens, self.data.seq_len,
+                                  self.local_batch, self.cfg.eval_batches, self.cfg.seed)
 
     def _log(self, path: Path, record: dict) -> None:
         if not self.dist.main:

@@ -1,0 +1,125 @@
+"""Stage B: the one-step generator. With the flow frozen, G learns z -> x in one bidirectional pass.
+
+For a training x: u ~ q(.|x) (fresh noise at every visit; or u = mu_x with deterministic_u), z = f(u), and
+    L_rec   = cross-entropy(G(z), x)
+    L_align = sum over pairs (l, j) of || P_j(g_l) - stopgrad(normalise(target_j)) ||^2   (mean over positions)
+    L       = L_rec + lambda * L_align
+where target_j is either the state the exact inverse reaches after j blocks, v_{K-j} (align_target=latents),
+or the hidden states of flow block K-j+1 (align_target=hidden): generator layers are paired with flow blocks
+in reverse order, since G runs z -> x and the flow u -> z. Sampling: z ~ N(0, tau^2 I), logits = G(z), tokens
+= argmax or a float64 draw.
+
+The flow is a frozen submodule: it is left out of the generator's state_dict (checkpoints hold G alone), and
+the run records which flow it stands on by path and weight hash.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import GeneratorConfig
+from ..nn.draws import categorical
+from ..nn.transformer import Transformer, init_weights
+from .flow_lm import FlowLM
+
+LN2 = math.log(2)
+
+
+class OneStepGenerator(nn.Module):
+    kind = "generator"
+    bound = False
+
+    def __init__(self, flow: FlowLM, cfg: GeneratorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.flow = flow.requires_grad_(False).eval()
+        self.vocab_size, self.seq_len, self.d = flow.vocab_size, flow.seq_len, flow.d
+        K = len(flow.blocks)
+        self.inp = nn.Linear(self.d, cfg.width)
+        self.net = Transformer(cfg.width, cfg.depth, cfg.heads, self.seq_len, causal=False,
+                               mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, positions=cfg.positions)
+        self.head = nn.Linear(cfg.width, self.vocab_size)
+        self.pairs = cfg.pairs(K) if cfg.align_lambda > 0 else []
+        target_dim = self.d if cfg.align_target == "latents" else flow.blocks[0].inp.out_features
+        self.align = nn.ModuleList(nn.Linear(cfg.width, target_dim) for _ in self.pairs)
+        init_weights(self)
+
+    # ---- the frozen flow is not part of the generator's weights -------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("flow.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        full = {**{f"flow.{k}": v for k, v in self.flow.state_dict().items()}, **state_dict}
+        return super().load_state_dict(full, strict=strict, assign=assign)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.flow.eval()
+        return self
+
+    # ---- G ------------------------------------------------------------------------------------------------
+    def logits(self, z: Tensor, hidden: bool = False):
+        """G(z): (B, T, V) logits (and every layer's states when hidden=True)."""
+        out = self.net(self.inp(z.to(self.inp.weight.dtype)), hidden=hidden)
+        h, states = out if hidden else (out, None)
+        logits = self.head(h).float()
+        return (logits, states) if hidden else logits
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, deterministic: bool = False, generator: torch.Generator | None = None):
+        """z = f(u) for text x, with the flow's latents and block hidden states (the alignment targets)."""
+        eps = torch.zeros(*x.shape, self.d, device=x.device) if deterministic else \
+            torch.randn(*x.shape, self.d, device=x.device, generator=generator)
+        u, _ = self.flow.codebook.sample(x, eps)
+        z, _, latents, hidden = self.flow.flow(u)
+        return z, latents, hidden
+
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        z, latents, flow_hidden = self.encode(x, deterministic=self.cfg.deterministic_u)
+        logits, states = self.logits(z, hidden=True)
+        ce = F.cross_entropy(logits.reshape(-1, self.vocab_size), x.reshape(-1)) / LN2
+        metrics = {"ce_bits": ce.detach(), "accuracy": (logits.argmax(-1) == x).float().mean().detach()}
+        loss = ce
+        if self.pairs:
+            align = self.alignment_loss(states, latents, flow_hidden)
+            metrics["align"] = align.detach()
+            loss = ce + self.cfg.align_lambda * align
+        return loss, metrics
+
+    forward = loss
+
+    def alignment_loss(self, states: list[Tensor], latents: list[Tensor], flow_hidden: list[Tensor]) -> Tensor:
+        K = len(latents) - 1
+        total = torch.zeros((), device=states[0].device)
+        for proj, (layer, j) in zip(self.align, self.pairs):
+            target = latents[K - j] if self.cfg.align_target == "latents" else flow_hidden[K - j]
+            target = F.layer_norm(target.float(), target.shape[-1:]).detach()
+            total = total + ((proj(states[layer - 1]).float() - target) ** 2).mean()
+        return total / len(self.pairs)
+
+    # ---- sampling and metrics -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, seq_len: int | None = None, tau: float = 1.0, temperature: float = 0.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """One forward pass: z ~ N(0, tau^2 I), tokens = argmax G(z) (temperature 0) or a float64 draw."""
+        device = self.head.weight.device
+        z = tau * torch.randn(n, seq_len or self.seq_len, self.d, device=device, generator=generator)
+        return categorical(self.logits(z), temperature, generator)
+
+    @torch.no_grad()
+    def teacher_agreement(self, n: int, generator: torch.Generator | None = None,
+                          batch_size: int = 256) -> tuple[float, Tensor]:
+        """On z ~ N(0, I): mean agreement of argmax G(z) with the exact inverse's decoding, and the agreement
+        at each position (T,)."""
+        device = self.head.weight.device
+        hits = torch.zeros(self.seq_len, dtype=torch.float64)
+        for start in range(0, n, batch_size):
+            z = torch.randn(min(batch_size, n - start), self.seq_len, self.d, device=device, generator=generator)
+            teacher = self.flow.decode(z)
+            hits += (self.logits(z).argmax(-1) == teacher).double().sum(0).cpu()
+        by_position = hits / n
+        return by_position.mean().item(), by_position
