@@ -35,12 +35,12 @@ def test_nll_is_the_sum_of_next_token_cross_entropies():
     assert torch.allclose(model.nll(x), by_hand, atol=1e-5)
     loss, metrics = model(x)
     assert abs(loss.item() - by_hand.sum().item() / (18 * math.log(2))) < 1e-5
-    assert 0 <= metrics["accuracy"] <= 1 and not loss.requires_grad is False
+    assert loss.requires_grad and 0 <= metrics["accuracy"] <= 1
     # a shorter window is scored by the same conditionals; a later token never changes earlier terms
     assert torch.allclose(model.token_nll(x[:, :4]), model.token_nll(x)[:, :4], atol=1e-5)
     y = x.clone()
     y[:, 3] = (y[:, 3] + 1) % 5
-    assert torch.allclose(model.token_nll(y)[:, :4], model.token_nll(x)[:, :4], atol=1e-6)
+    assert torch.allclose(model.token_nll(y)[:, :3], model.token_nll(x)[:, :3], atol=1e-6)
     assert not torch.allclose(model.token_nll(y)[:, 4:], model.token_nll(x)[:, 4:])
 
 
@@ -74,8 +74,8 @@ def test_temperature_zero_is_argmax_and_top_k_one_equals_it():
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.1, 0.5, 0.2, 0.2]]))
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, False]]
-    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
-    assert torch.isinf(filter_logits(logits, top_p=0.65)).sum() == 1  # the nucleus {0.5, one 0.2} reaches 0.65
+    assert torch.isinf(filter_logits(logits, top_p=0.45)).tolist() == [[True, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.65)).sum() == 2  # the nucleus {0.5, one 0.2} reaches 0.65
     assert not torch.isinf(filter_logits(logits, top_p=1.0)).any()
     with pytest.raises(ValueError):
         filter_logits(logits, top_p=0.0)

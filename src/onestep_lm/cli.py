@@ -85,7 +85,7 @@ def cmd_sample(args) -> None:
 
     run = open_run(args.run, device=args.device)
     tokens = sample_tokens(run, args.n, sampler=args.sampler, seed=args.seed, tau=args.tau,
-                           temperature=args.temperature)
+                           temperature=args.temperature, steps=args.steps, top_k=args.top_k, top_p=args.top_p)
     texts = [run.tokenizer.decode(t.tolist()) for t in tokens]
     if args.out is not None:
         write_text_atomic(args.out, "".join(json.dumps({"text": t, "seed": args.seed, "index": i}) + "\n"
@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model")
     kinds = train.add_subparsers(dest="kind", required=True)
     for kind, text in (("flow", "Stage A: the TarFlow text encoder"),
-                       ("generator", "Stage B: the one-step generator on a trained flow (--flow)")):
+                       ("generator", "Stage B: the one-step generator on a trained flow (--flow)"),
+                       ("ar", "baseline: autoregressive transformer"),
+                       ("mdlm", "baseline: masked diffusion language model")):
         p = kinds.add_parser(kind, help=text)
         _add_train_args(p)
         if kind == "generator":
@@ -130,10 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="draw texts from a run")
     sa.add_argument("--run", type=Path, required=True)
     sa.add_argument("-n", type=int, default=4)
-    sa.add_argument("--sampler", help="onestep | flow-inverse (generator runs); flow-inverse (flow runs)")
+    sa.add_argument("--sampler", help="onestep | flow-inverse (generator runs); flow-inverse (flow runs); "
+                                      "ar (AR runs); mdlm (MDLM runs). Default: the first of these for the run")
     sa.add_argument("--tau", type=float, default=1.0, help="prior temperature: z ~ N(0, tau^2 I)")
-    sa.add_argument("--temperature", type=float, default=0.0,
-                    help="softmax temperature of the token draws (0: argmax; draws are float64)")
+    sa.add_argument("--temperature", type=float,
+                    help="softmax temperature of the token draws (0: argmax; draws are float64). "
+                         "Default 0 for onestep, 1 for ar and mdlm")
+    sa.add_argument("--steps", type=int, help="mdlm: number of denoising steps (default: the sequence length)")
+    sa.add_argument("--top-k", type=int, help="ar: keep the k most probable tokens")
+    sa.add_argument("--top-p", type=float, help="ar: nucleus sampling")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", type=Path, help="also write the samples as JSON lines")
     sa.add_argument("--device", default="cpu")

@@ -3,6 +3,8 @@
     flow-inverse   z ~ N(0, tau^2 I), the flow's exact sequential inverse, then the tied decoder
                    (on a generator run: the generator's own flow, for side-by-side comparison)
     onestep        z ~ N(0, tau^2 I), logits = G(z) in one forward pass, argmax or a float64 draw
+    ar             token by token with a KV cache; temperature, optional top-k / top-p
+    mdlm           masked diffusion, `steps` ancestral steps from all-mask (cached when nothing changed)
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from .errors import ConfigError
 from .nn.draws import categorical  # noqa: F401  (re-exported: samplers draw through it)
 from .runs import Run
 
-SAMPLERS = {"flow": ("flow-inverse",), "generator": ("onestep", "flow-inverse")}
+SAMPLERS = {"flow": ("flow-inverse",), "generator": ("onestep", "flow-inverse"), "ar": ("ar",),
+            "mdlm": ("mdlm",)}
+DEFAULT_TEMPERATURE = {"onestep": 0.0, "ar": 1.0, "mdlm": 1.0}  # one-step: argmax; baselines: ancestral draws
 
 
 def default_sampler(kind: str) -> str:
@@ -21,7 +25,8 @@ def default_sampler(kind: str) -> str:
 
 
 def sample_tokens(run: Run, n: int, sampler: str | None = None, seed: int = 0, seq_len: int | None = None,
-                  tau: float = 1.0, temperature: float = 0.0) -> torch.Tensor:
+                  tau: float = 1.0, temperature: float | None = None, steps: int | None = None,
+                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """n sequences of token ids (n, seq_len) from the named sampler; the same seed gives the same sequences."""
     sampler = sampler or default_sampler(run.kind)
     if sampler not in SAMPLERS[run.kind]:
@@ -30,11 +35,19 @@ def sample_tokens(run: Run, n: int, sampler: str | None = None, seed: int = 0, s
     if n < 1:
         raise ConfigError(f"number of samples must be >= 1, got {n}")
     generator = torch.Generator(device=run.device).manual_seed(seed)
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURE.get(sampler, 0.0)
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
     if sampler == "flow-inverse":
         flow = run.model.flow if run.kind == "generator" else run.model
         return flow.sample(n, seq_len, tau=tau, generator=generator)
     if sampler == "onestep":
         return run.model.sample(n, seq_len, tau=tau, temperature=temperature, generator=generator)
+    if sampler == "ar":
+        return run.model.sample(n, seq_len, generator=generator, temperature=temperature, top_k=top_k, top_p=top_p)
+    if sampler == "mdlm":
+        return run.model.sample(n, seq_len, steps=steps, generator=generator, temperature=temperature)
     raise ConfigError(f"unknown sampler {sampler!r}")

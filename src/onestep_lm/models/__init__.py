@@ -13,7 +13,9 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import RunError
+from .ar import ARLM
 from .flow_lm import FlowLM
+from .mdlm import MDLM
 from .generator import OneStepGenerator
 
 
@@ -25,6 +27,10 @@ def build_model(kind: str, cfg: Config, vocab_size: int, **context) -> tuple[nn.
         return FlowLM(vocab_size, T, cfg.model.flow), {}
     if kind == "generator":
         return _generator(cfg, vocab_size, **context)
+    if kind == "ar":
+        return ARLM(vocab_size, T, cfg.model.ar), {}
+    if kind == "mdlm":
+        return MDLM(vocab_size, T, cfg.model.mdlm), {}
     raise ValueError(f"unknown model kind {kind!r}")
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BackboneConfig
+from ..nn.draws import categorical
 from ..nn.transformer import KVCache, Transformer, init_weights
 
 LN2 = math.log(2)
@@ -106,8 +107,6 @@ class ARLM(nn.Module):
              generator: torch.Generator | None = None) -> Tensor:
         """A token per row of logits (..., V): argmax at temperature 0, else a float64 draw from
         softmax(filter(logits / temperature))."""
-        from ..sampling import categorical  # imported here: onestep_lm.sampling imports the models
-
         if temperature == 0:
             return categorical(logits, 0.0)
         if temperature < 0:

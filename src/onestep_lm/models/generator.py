@@ -46,7 +46,8 @@ class OneStepGenerator(nn.Module):
         self.pairs = cfg.pairs(K) if cfg.align_lambda > 0 else []
         target_dim = self.d if cfg.align_target == "latents" else flow.blocks[0].inp.out_features
         self.align = nn.ModuleList(nn.Linear(cfg.width, target_dim) for _ in self.pairs)
-        init_weights(self)
+        for module in (self.inp, self.net, self.head, self.align):  # not the frozen flow
+            init_weights(module)
 
     # ---- the frozen flow is not part of the generator's weights -------------------------------------------
     def state_dict(self, *args, **kwargs):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BackboneConfig
+from ..nn.draws import categorical
 from ..nn.transformer import Transformer, init_weights
 
 LN2 = math.log(2)
@@ -101,8 +102,6 @@ class MDLM(nn.Module):
         """n sequences (n, seq_len) by `steps` ancestral steps (default seq_len) from all-mask at t = 1 to t = 0.
         With use_cache, a step where nothing was revealed reuses the previous logits (the network has no time
         input, so its output is unchanged); `self.last_sample_nfe` counts the network calls."""
-        from ..sampling import categorical  # imported here: onestep_lm.sampling imports the models
-
         L = seq_len or self.seq_len
         steps = steps or L
         if L > self.seq_len:
@@ -114,10 +113,12 @@ class MDLM(nn.Module):
         logits, changed, nfe = None, True, 0
         for i in range(steps):
             t, s = (steps - i) / steps, (steps - i - 1) / steps
+            still_masked = z == self.mask_id
+            if not still_masked.any():  # every position revealed early: nothing left to do
+                break
             if changed or not use_cache:
                 logits = self.denoiser_logits(z)
                 nfe += 1
-            still_masked = z == self.mask_id
             if i == steps - 1:  # s = 0: (t - s) / t = 1, every remaining mask is revealed
                 reveal = still_masked
             else:
