@@ -69,3 +69,14 @@ def test_block_parameters_depend_only_on_earlier_positions(reverse):
         assert changed[s]
         later = order[order.index(s) + 1:]
         assert changed[later].all(), "later positions should see position s"
+
+
+def test_affine_step_logdet_and_decoder_stay_float32_under_bf16_autocast():
+    flow = random_flow(seed=4)
+    x = torch.randint(0, 7, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = flow.elbo_terms(x)
+        z, logdet, latents, _ = flow.flow(torch.randn(2, 6, 3))
+        log_post = flow.codebook.log_posterior(torch.randn(2, 6, 3))
+    assert z.dtype == logdet.dtype == log_post.dtype == torch.float32
+    assert all(torch.isfinite(terms[k]).all() for k in ("decoder", "prior", "logdet", "entropy"))

@@ -37,8 +37,11 @@ class GaussianCodebook(nn.Module):
         return u, log_q
 
     def log_likelihoods(self, u: Tensor) -> Tensor:
-        """log N(u_t; mu_k, sigma_k^2 I) for every token k: (B, T, V), computed in float32."""
-        u = u.float()
+        """log N(u_t; mu_k, sigma_k^2 I) for every token k: (B, T, V), computed in float32 (also under autocast)."""
+        with torch.autocast(u.device.type, enabled=False):
+            return self._log_likelihoods(u.float())
+
+    def _log_likelihoods(self, u: Tensor) -> Tensor:
         mu, log_sigma = self.mu.float(), self.log_sigma.float()
         sq = (u ** 2).sum(-1, keepdim=True) - 2 * u @ mu.T + (mu ** 2).sum(-1)  # ||u - mu_k||^2
         sq = sq.clamp_min(0.0)
