@@ -55,7 +55,7 @@ def evaluate_likelihood(run: Run, split: str = "val", samples: int = 1, seed: in
     result = {
         "kind": run.kind, "split": split, "bound": bool(model.bound),
         "bits_per_token": bits / count, "bits_per_char": bits / chars, "perplexity": 2 ** (bits / count),
-        "tokens": count, "chars": chars, "samples": samples, "seed": seed,
+        "tokens": count, "chars": chars, "iw_samples": samples, "seed": seed,
         "seconds": round(time.perf_counter() - started, 2),
     }
     if run.kind == "flow" and samples == 1:
