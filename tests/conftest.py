@@ -40,3 +40,24 @@ def tiny_pipeline(tmp_path_factory, private_cache):
     out = tmp_path_factory.mktemp("pipeline") / "demo"
     run_pipeline(TINY, out, overrides=["train.max_steps=80"], progress=False, n_samples=3)
     return out
+
+
+def _tiny_run(tmp_path_factory, kind: str, steps: int = 60):
+    from onestep_lm.config import load_config
+    from onestep_lm.runs import train_run
+
+    out = tmp_path_factory.mktemp(f"tiny_{kind}") / kind
+    train_run(kind, load_config(TINY, [f"train.max_steps={steps}"]), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ar(tmp_path_factory, private_cache):
+    """A tiny AR run folder (configs/tiny.yaml, 60 steps)."""
+    return _tiny_run(tmp_path_factory, "ar")
+
+
+@pytest.fixture(scope="session")
+def tiny_mdlm(tmp_path_factory, private_cache):
+    """A tiny MDLM run folder (configs/tiny.yaml, 60 steps)."""
+    return _tiny_run(tmp_path_factory, "mdlm")

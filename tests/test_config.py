@@ -52,3 +52,17 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(TINY)
     cfg.save(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
+
+
+def test_learning_rate_schedule_follows_the_budget_that_runs_out_first():
+    from onestep_lm.train.trainer import lr_at
+
+    cfg = load_config(TINY, ["train.lr=1.0", "train.min_lr_ratio=0.1", "train.warmup_steps=10",
+                             "train.max_steps=110"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    timed = load_config(TINY, ["train.lr=1.0", "train.min_lr_ratio=0.1", "train.warmup_steps=10",
+                               "train.max_steps=110", "train.max_minutes=1"]).train
+    assert lr_at(20, timed, elapsed=0.0) == pytest.approx(lr_at(20, cfg))
+    assert lr_at(20, timed, elapsed=30.0) == pytest.approx(0.55)  # half the time used: half the decay
+    assert lr_at(20, timed, elapsed=60.0) == pytest.approx(0.1)

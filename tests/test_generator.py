@@ -78,6 +78,8 @@ def test_sampling_is_deterministic_for_a_seed(tiny_pipeline):
     hot = m.generate(4, seed=7, temperature=1.0)
     assert hot == m.generate(4, seed=7, temperature=1.0) and all(len(t) == 32 for t in hot)
     assert len(m.generate(2, sampler="flow-inverse", seed=1)) == 2
+    texts = ["First Citizen:", "Before we proceed"]
+    assert m.decode(m.encode(texts)) == texts  # a generator run encodes and decodes with its flow
 
 
 def test_generator_refuses_a_flow_with_other_weights(tiny_pipeline, tmp_path):

@@ -37,10 +37,12 @@ class LoadedModel:
         return out
 
     def _flow(self):
-        flow = getattr(self.model, "flow_lm", self.model)
-        if getattr(flow, "kind", None) != "flow":
-            raise RunError(f"a {self.run.kind} run has no flow to encode or decode with")
-        return flow
+        """The flow of a flow run, or the frozen flow a generator stands on."""
+        if self.run.kind == "flow":
+            return self.model
+        if self.run.kind == "generator":
+            return self.model.flow
+        raise RunError(f"a {self.run.kind} run has no flow to encode or decode with")
 
     @torch.no_grad()
     def encode(self, texts: list[str] | str, sample: bool = False, seed: int = 0):

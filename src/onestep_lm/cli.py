@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from .errors import OnestepError
@@ -19,7 +21,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="train on this plain-text file (split 90/5/5 by position)")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--seed", type=int, help="override train.seed")
-    p.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="write a checkpoint every N steps (override train.checkpoint_every)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.flow.blocks=6 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -53,10 +56,13 @@ def cmd_train(args) -> None:
     cfg = _config_for(args, args.kind)
     context, tokenizer = {}, None
     if args.kind == "generator" and not args.resume:
+        if args.flow is None:
+            raise OnestepError("train generator needs --flow RUN, the trained flow's run folder")
         cfg, context, tokenizer = generator_setup(cfg, args.flow)
     summary = train_run(args.kind, cfg, args.out, resume=args.resume, progress=not args.no_progress,
                         tensorboard=args.tensorboard, context=context, tokenizer=tokenizer)
-    print(json.dumps(summary))
+    if _rank() == 0:  # under torchrun, one summary
+        print(json.dumps(summary))
 
 
 def cmd_eval(args) -> None:
@@ -65,17 +71,78 @@ def cmd_eval(args) -> None:
     from .runs import open_run
 
     run = open_run(args.run, device=args.device)
+    if args.judge is not None:
+        return _eval_samples(run, args)
+    if args.samples is not None:
+        raise OnestepError("--samples N is the number of judged samples and needs --judge; the importance "
+                           "samples of a likelihood bound are --iw-samples")
     if run.kind == "generator":
         result = evaluate_generator(run, split=args.split, seed=args.seed, batch_size=args.batch_size,
                                     progress=not args.no_progress)
         text = format_generator(result)
     else:
-        result = evaluate_likelihood(run, split=args.split, samples=args.samples, seed=args.seed,
+        result = evaluate_likelihood(run, split=args.split, samples=args.iw_samples, seed=args.seed,
                                      batch_size=args.batch_size, progress=not args.no_progress)
         text = format_likelihood(result)
     write_eval(run, result)
     print(text)
     print(f"wrote {run.dir / 'eval.json'}")
+
+
+def _eval_samples(run, args) -> None:
+    from .evaluation.judges import load_judge
+    from .evaluation.sample_eval import Setting, evaluate_samples, format_samples, write_sample_eval
+    from .sampling import default_sampler
+
+    sampler = args.sampler or default_sampler(run.kind)
+    steps = args.steps if args.steps is not None or sampler != "mdlm" else (args.length or run.config.data.seq_len)
+    setting = Setting(sampler, steps, args.temperature, args.tau)
+    result = evaluate_samples(run, load_judge(args.judge, device=args.device), setting,
+                              n=64 if args.samples is None else args.samples, seed=args.seed, length=args.length,
+                              batch_size=args.batch_size or 64)
+    write_sample_eval(run, result)
+    print(format_samples(result))
+    print(f"wrote {run.dir / 'eval.json'} (samples: {result['setting']!r})")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_bench_speed(args) -> None:
+    from .evaluation.speed import bench_speed, format_speed
+    from .io import write_json
+    from .runs import open_run
+
+    runs = [open_run(d, device=args.device) for d in args.runs]
+    result = bench_speed(runs, batches=args.batch, length=args.length, rounds=args.rounds, warmup=args.warmup,
+                         mdlm_steps=args.mdlm_steps, progress=not args.no_progress)
+    print(format_speed(result))
+    if args.out is not None:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+
+
+def cmd_report(args) -> None:
+    from .evaluation.report import build_report
+
+    path = build_report(args.runs, args.out, judge=args.judge, n=args.samples, seed=args.seed, sweep=args.sweep,
+                        mdlm_steps=args.mdlm_steps, bench=args.bench, batches=args.batch, rounds=args.rounds,
+                        device=args.device, progress=not args.no_progress)
+    print(f"report: {path}")
 
 
 def cmd_sample(args) -> None:
@@ -107,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model")
+    train = sub.add_parser(
+        "train", help="train a model",
+        description="Train a model into a run folder. The same command runs on several processes under "
+                    "`torchrun --nproc_per_node N -m onestep_lm train ...` (gloo on CPU, NCCL on GPU) with the "
+                    "config's global batch and learning rate; only rank 0 writes. --resume continues a killed "
+                    "run from its newest valid checkpoint.")
     kinds = train.add_subparsers(dest="kind", required=True)
     for kind, text in (("flow", "Stage A: the TarFlow text encoder"),
                        ("generator", "Stage B: the one-step generator on a trained flow (--flow)"),
@@ -122,7 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="likelihood of a split; writes RUN/eval.json")
     ev.add_argument("--run", type=Path, required=True)
     ev.add_argument("--split", default="val", choices=("train", "val", "test"))
-    ev.add_argument("--samples", type=int, default=1, help="importance samples (S > 1: the tighter IW bound)")
+    ev.add_argument("--iw-samples", type=int, default=1,
+                    help="importance samples of a likelihood bound (S > 1: the tighter IW bound)")
+    ev.add_argument("--judge", help="instead of the likelihood, judge samples: an AR run folder, or "
+                                    "hf:PATH_OR_NAME (a local transformers causal LM; extra onestep-lm[hf])")
+    ev.add_argument("--samples", type=int, help="with --judge: the number of samples drawn and judged (default 64)")
+    ev.add_argument("--sampler", help="with --judge: the sampler (default: the run's first, see `sample`)")
+    ev.add_argument("--steps", type=int, help="with --judge: mdlm denoising steps (default: the sequence length)")
+    ev.add_argument("--temperature", type=float, help="with --judge: softmax temperature (default as `sample`)")
+    ev.add_argument("--tau", type=float, default=1.0, help="with --judge: prior scale, z ~ N(0, tau^2 I)")
+    ev.add_argument("--length", type=int, help="with --judge: sample length (default: the run's seq_len)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int)
     ev.add_argument("--device", default="cpu")
@@ -153,14 +234,66 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--resume", action="store_true")
     rn.add_argument("--no-progress", action="store_true")
     rn.set_defaults(func=cmd_run)
+
+    be = sub.add_parser("bench", help="benchmarks")
+    benches = be.add_subparsers(dest="bench_command", required=True)
+    sp = benches.add_parser("speed", help="time whole-sequence generation of every sampler of the runs")
+    sp.add_argument("--runs", type=Path, nargs="+", required=True)
+    sp.add_argument("--batch", type=_int_list, default=[1, 64],
+                    help="batch sizes: latency at the smallest, throughput at the largest (default 1,64)")
+    sp.add_argument("--length", type=int, help="sequence length (default: the shortest seq_len of the runs)")
+    sp.add_argument("--rounds", type=int, default=5, help="timed rounds (medians are reported)")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed calls of every setting first")
+    sp.add_argument("--mdlm-steps", type=_int_list, help="MDLM step counts (default 1,4,16,... and the length)")
+    sp.add_argument("--out", type=Path, help="write the results as JSON")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_bench_speed)
+
+    rp = sub.add_parser("report", help="compare runs: likelihood, judged samples, entropy, copying, speed")
+    rp.add_argument("--runs", type=Path, nargs="+", required=True)
+    rp.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and the plots")
+    rp.add_argument("--judge", required=True, help="an AR run folder, or hf:PATH_OR_NAME")
+    rp.add_argument("--samples", type=int, default=64, help="samples judged per sampler setting")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--sweep", type=_float_list, default=[0.5, 0.8, 1.0],
+                    help="temperatures (tau for the flow's inverse) of the entropy frontier; empty: none")
+    rp.add_argument("--mdlm-steps", type=_int_list, help="MDLM step counts (default 1,4,16,... and the length)")
+    rp.add_argument("--bench", type=Path, help="use this `bench speed --out` JSON instead of timing again")
+    rp.add_argument("--batch", type=_int_list, default=[1, 64])
+    rp.add_argument("--rounds", type=int, default=3)
+    rp.add_argument("--device", default="cpu")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=cmd_report)
     return parser
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 when run alone)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"onestep-lm: warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning  # e.g. a damaged checkpoint skipped: one line naming it
     try:
         args.func(args)
     except OnestepError as e:
+        if args.debug:
+            traceback.print_exc()
+        where = f" (rank {_rank()})" if _rank() else ""
+        print(f"onestep-lm: error{where}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder without write permission: the system's own message
         if args.debug:
             traceback.print_exc()
         print(f"onestep-lm: error: {e}", file=sys.stderr)
@@ -168,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onestep-lm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 

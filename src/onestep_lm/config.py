@@ -51,10 +51,19 @@ class DataConfig:
                               "summing to 1 (train, val[, test])")
 
 
+FLOW_BLOCK_TYPES = ("affine", "mix1", "mixd")
+FLOW_BLOCK_KEYS = ("type", "layers", "count", "components")
+
+
 @dataclass
 class FlowConfig:
     d: int = 8  # latent size per token
-    blocks: int = 4  # K TarFlow blocks, directions alternating
+    # K flow blocks, directions alternating. An integer: that many affine blocks of layers_per_block layers.
+    # Or a list, one entry per block (or per `count` equal blocks), e.g.
+    #   [{type: mixd, layers: 2}, {type: mix1, layers: 4}, {type: affine, layers: 1, count: 4}]
+    # with type affine | mix1 (1-D mixture CDF per scalar) | mixd (codebook mixture, first block only), and
+    # optional layers (default layers_per_block), count (default 1), components (mix1; default mixture_components)
+    blocks: int | list[dict[str, Any]] = 4
     layers_per_block: int = 2  # transformer layers inside each block
     width: int = 128
     heads: int = 4
@@ -63,13 +72,57 @@ class FlowConfig:
     clip: float = 3.0  # log-scale soft clip: a = clip * tanh(a_raw / clip)
     mu_init: float = 1.0  # std of the codebook means at initialisation
     sigma_init: float = 0.3  # codebook scale at initialisation
+    mixture_components: int = 8  # M, the components of each mix1 block's 1-D mixtures
+    # progressive freezing: entry k is the training step from which block k (0-based) stops training (the
+    # codebook freezes with block 0); non-decreasing, at most one entry per block; empty: nothing freezes
+    freeze_schedule: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        for key in ("d", "blocks", "layers_per_block", "width", "heads", "mlp_ratio"):
+        for key in ("d", "layers_per_block", "width", "heads", "mlp_ratio", "mixture_components"):
             _positive(f"model.flow.{key}", getattr(self, key))
         _divides("model.flow", self.width, self.heads)
         _positive("model.flow.clip", self.clip)
         _positive("model.flow.sigma_init", self.sigma_init)
+        K = self.num_blocks()
+        s = self.freeze_schedule
+        if len(s) > K or any(v < 0 for v in s) or any(a > b for a, b in zip(s, s[1:])):
+            raise ConfigError(f"config key model.flow.freeze_schedule: {s} must be at most {K} (the number of "
+                              "blocks) non-negative, non-decreasing training steps")
+
+    def num_blocks(self) -> int:
+        return len(self.block_specs())
+
+    def block_specs(self) -> list[dict[str, Any]]:
+        """One {type, layers, components} per flow block, in order (validated)."""
+        if isinstance(self.blocks, int):
+            _positive("model.flow.blocks", self.blocks)
+            return [{"type": "affine", "layers": self.layers_per_block, "components": self.mixture_components}
+                    for _ in range(self.blocks)]
+        specs = []
+        for i, item in enumerate(self.blocks):
+            where = f"model.flow.blocks[{i}]"
+            unknown = [k for k in item if k not in FLOW_BLOCK_KEYS]
+            if unknown:
+                raise ConfigError(f"unknown config key '{where}.{unknown[0]}'; allowed keys: "
+                                  f"{', '.join(FLOW_BLOCK_KEYS)}")
+            if item.get("type") not in FLOW_BLOCK_TYPES:
+                raise ConfigError(f"config key {where}.type: {item.get('type')!r} is not one of "
+                                  f"{', '.join(FLOW_BLOCK_TYPES)}")
+            values = {"layers": self.layers_per_block, "count": 1, "components": self.mixture_components}
+            for key in values:
+                if key in item:
+                    if not isinstance(item[key], int) or isinstance(item[key], bool) or item[key] < 1:
+                        raise ConfigError(f"config key {where}.{key}: {item[key]!r} must be an integer >= 1")
+                    values[key] = item[key]
+            specs += [{"type": item["type"], "layers": values["layers"], "components": values["components"]}
+                      for _ in range(values["count"])]
+        if not specs:
+            raise ConfigError("config key model.flow.blocks: the list of blocks is empty")
+        later = [k for k, spec in enumerate(specs) if spec["type"] == "mixd" and k > 0]
+        if later:
+            raise ConfigError(f"config key model.flow.blocks: a 'mixd' block may only be the first block (its "
+                              f"components are the codebook's, so it must read u directly); found at block {later[0]}")
+        return specs
 
 
 @dataclass
@@ -133,7 +186,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         self.flow.validate()
-        self.generator.validate(self.flow.blocks)
+        self.generator.validate(self.flow.num_blocks())
         self.ar.validate("model.ar")
         self.mdlm.validate("model.mdlm")
 
@@ -158,6 +211,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 3  # checkpoints kept
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+    ema: float | None = None  # decay of an EMA of the weights (e.g. 0.999), used for evaluation and sampling
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # per-model overrides of the keys above, e.g. {"max_steps": 500}
@@ -167,6 +221,11 @@ class TrainConfig:
     mdlm: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        self._check_ranges()
+        for kind in MODEL_KINDS:
+            self.for_model(kind)  # the overrides are checked like any key
+
+    def _check_ranges(self) -> None:
         _positive("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
         _positive("train.max_steps", self.max_steps)
@@ -176,12 +235,13 @@ class TrainConfig:
         _positive("train.max_nonfinite", self.max_nonfinite)
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("config keys train.warmup_steps and train.eval_every must be >= 0")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"config key train.ema: {self.ema} must be null (no EMA) or a decay in (0, 1), "
+                              "e.g. 0.999")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"config key train.min_lr_ratio: {self.min_lr_ratio} must be in [0, 1]")
         if len(self.betas) != 2:
             raise ConfigError(f"config key train.betas: {self.betas} must be two numbers")
-        for kind in MODEL_KINDS:
-            self.for_model(kind)  # validates the overrides
 
     def for_model(self, kind: str) -> "TrainConfig":
         """This config with the overrides of one model kind applied (overrides are checked like any key)."""
@@ -191,7 +251,9 @@ class TrainConfig:
             if key not in merged:
                 raise ConfigError(f"unknown config key 'train.{kind}.{key}'; allowed keys: {', '.join(merged)}")
             merged[key] = value
-        return _build(TrainConfig, merged, "train." + kind)
+        cfg = _build(TrainConfig, merged, "train." + kind)
+        cfg._check_ranges()
+        return cfg
 
 
 @dataclass
@@ -210,7 +272,9 @@ class Config:
         return _to_plain(self)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .io import write_text_atomic
+
+        write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -12,7 +12,6 @@ A folder that already exists is never overwritten: training into it needs --resu
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from .data import DataBundle, load_tokenizer, prepare_data
 from .errors import RunError
 from .io import read_json, write_json
 from .models import build_model
-from .train.checkpoint import load_weights, require_checkpoint
+from .train import distributed
+from .train.checkpoint import has_file, load_weights, require_checkpoint
 from .train.trainer import Trainer
 
 
@@ -58,6 +58,8 @@ def train_run(kind: str, cfg: Config, out: Path, *, resume: bool = False, progre
     fields of it that identify a dependency are recorded in run.json (see build_model)."""
     out = Path(out)
     context = context or {}
+    info, _ = distributed.setup(cfg.train.for_model(kind).device)  # joins torchrun's group, if launched by it
+    is_main = info.main  # only the main process writes into the run folder
     if resume:
         meta = _read_meta(out)
         if meta["kind"] != kind:
@@ -66,11 +68,13 @@ def train_run(kind: str, cfg: Config, out: Path, *, resume: bool = False, progre
         context = {**_load_context(meta), **context}
     else:
         check_new_run_dir(out)
+    distributed.barrier(info)  # every process has looked at --out before the main one writes into it
     data = prepare_data(cfg.data, tokenizer=tokenizer)
     torch.manual_seed(cfg.train.seed)
     model, record = build_model(kind, cfg, data.tokenizer.vocab_size, **context)
     n_params = count_parameters(model)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    # the trainer checks what depends on the number of processes before anything is written
+    trainer = Trainer(model, cfg.train.for_model(kind), data, out, progress=progress, tensorboard=tensorboard)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -82,7 +86,6 @@ def train_run(kind: str, cfg: Config, out: Path, *, resume: bool = False, progre
                 "data": _describe(data), **record})
         print(f"{kind}: {n_params:,} trainable parameters; vocabulary {data.tokenizer.vocab_size}; "
               f"T={data.seq_len}; run folder {out}", file=sys.stderr)
-    trainer = Trainer(model, cfg.train.for_model(kind), data, out, progress=progress, tensorboard=tensorboard)
     if resume and not trainer.resume() and is_main:
         print(f"no valid checkpoint in {out}; starting from step 0", file=sys.stderr)
     summary = trainer.fit()
@@ -121,8 +124,9 @@ class Run:
         return next(self.model.parameters()).device
 
 
-def open_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Load a run folder: its config, tokenizer and the newest valid checkpoint's weights."""
+def open_run(run_dir: str | Path, device: str | torch.device = "cpu", ema: bool | None = None) -> Run:
+    """Load a run folder: its config, tokenizer and the newest valid checkpoint's weights. When the run was
+    trained with an EMA (train.ema), its averaged weights are the ones loaded (ema=False: the raw weights)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run folder not found: {run_dir}")
@@ -130,7 +134,12 @@ def open_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     cfg = saved_config(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model, _ = build_model(meta["kind"], cfg, meta["vocab_size"], **_load_context(meta))
-    weights = load_weights(require_checkpoint(run_dir))
+    checkpoint = require_checkpoint(run_dir)
+    if ema is None:
+        ema = cfg.train.for_model(meta["kind"]).ema is not None and has_file(checkpoint, "ema.safetensors")
+    elif ema and not has_file(checkpoint, "ema.safetensors"):
+        raise RunError(f"the checkpoint {checkpoint} holds no EMA weights (the run was trained without train.ema)")
+    weights = load_weights(checkpoint, "ema.safetensors" if ema else "model.safetensors")
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

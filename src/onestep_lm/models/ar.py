@@ -87,8 +87,9 @@ class ARLM(nn.Module):
         return self.head(h[:, -1])
 
     # ---- the objective ----------------------------------------------------------------------------------
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Training loss: the mean next-token cross-entropy in bits per token; metrics: top-1 accuracy."""
+    def loss(self, x: Tensor, noise=None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training loss: the mean next-token cross-entropy in bits per token; metrics: top-1 accuracy.
+        `noise` (the trainer's BatchNoise) is unused: the AR loss has no noise."""
         logits = self.logits(x).float()
         nats = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
         loss = nats.sum() / (x.numel() * LN2)

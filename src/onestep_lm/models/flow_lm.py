@@ -1,4 +1,7 @@
-"""Stage A: the flow language model. Gaussian codebook -> TarFlow -> N(0, I), trained by the ELBO.
+"""Stage A: the flow language model. Gaussian codebook -> flow blocks -> N(0, I), trained by the ELBO.
+
+The blocks (config key model.flow.blocks) are affine TarFlow blocks (tarflow.py) or mixture-CDF blocks
+(mixture_blocks.py: mix1, and mixd, the codebook mixture, as the first block only), all with the same interface.
 
     log p(x) >= E_{u ~ q(.|x)} [ log p(x|u) + log N(f(u); 0, I) + log|det df/du| - log q(u|x) ]
 
@@ -17,7 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import FlowConfig
+from ..errors import ConfigError
+from ..nn.noise import BatchNoise
 from .codebook import LOG_2PI, GaussianCodebook
+from .mixture_blocks import Mix1Block, MixdBlock
 from .tarflow import AffineBlock
 
 LN2 = math.log(2)
@@ -31,10 +37,36 @@ class FlowLM(nn.Module):
         super().__init__()
         self.vocab_size, self.seq_len, self.d = vocab_size, seq_len, cfg.d
         self.codebook = GaussianCodebook(vocab_size, cfg.d, cfg.mu_init, cfg.sigma_init)
-        self.blocks = nn.ModuleList(
-            AffineBlock(cfg.d, seq_len, cfg.width, cfg.layers_per_block, cfg.heads, reverse=k % 2 == 1,
-                        clip=cfg.clip, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
-            for k in range(cfg.blocks))
+        self.blocks = nn.ModuleList(self._block(k, spec, seq_len, cfg) for k, spec in enumerate(cfg.block_specs()))
+        self.freeze_schedule = list(cfg.freeze_schedule)
+
+    def _block(self, k: int, spec: dict, seq_len: int, cfg: FlowConfig) -> nn.Module:
+        """Block k of the stack (config key model.flow.blocks): affine, mix1 or mixd; directions alternate."""
+        common = dict(d=cfg.d, seq_len=seq_len, width=cfg.width, depth=spec["layers"], heads=cfg.heads,
+                      reverse=k % 2 == 1, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
+        if spec["type"] == "affine":
+            return AffineBlock(clip=cfg.clip, **common)
+        if spec["type"] == "mix1":
+            return Mix1Block(components=spec["components"], **common)
+        if spec["type"] == "mixd":
+            if k != 0:
+                raise ConfigError(f"config key model.flow.blocks: a 'mixd' block may only be the first block; "
+                                  f"found at block {k}")
+            return MixdBlock(self.codebook, **common)
+        raise ConfigError(f"config key model.flow.blocks: block type {spec['type']!r} is not one of affine, "
+                          "mix1, mixd")
+
+    def frozen_parameters(self, step: int) -> list[nn.Parameter]:
+        """The parameters that progressive freezing (config key model.flow.freeze_schedule) holds fixed at this
+        training step: block k from step freeze_schedule[k] on, the codebook with block 0. The trainer drops
+        their gradients after each backward (so they get no update, momentum or weight decay)."""
+        frozen = []
+        for k, start in enumerate(self.freeze_schedule):
+            if step >= start:
+                frozen += list(self.blocks[k].parameters())
+                if k == 0:
+                    frozen += list(self.codebook.parameters())
+        return frozen
 
     # ---- the flow f: u -> z and its exact inverse -------------------------------------------------------
     def flow(self, u: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
@@ -58,9 +90,14 @@ class FlowLM(nn.Module):
         return v
 
     # ---- the objective ----------------------------------------------------------------------------------
-    def elbo_terms(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """The ELBO's terms in nats per sequence (B,), with `neg_elbo` their sum, and the latents."""
-        eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
+    def elbo_terms(self, x: Tensor, generator: torch.Generator | None = None,
+                   noise: BatchNoise | None = None) -> dict[str, Tensor]:
+        """The ELBO's terms in nats per sequence (B,), with `neg_elbo` their sum, and the latents. The noise
+        of u ~ q(.|x) comes from `noise` (the trainer's, see nn/noise.py), else `generator`."""
+        if noise is not None:
+            eps = noise.randn(x.shape[0], x.shape[1], self.d, device=x.device)
+        else:
+            eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
         u, log_q = self.codebook.sample(x, eps)
         z, logdet, latents, _ = self.flow(u)
         decoder = -self.codebook.log_posterior(u).gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(-1)
@@ -70,9 +107,9 @@ class FlowLM(nn.Module):
         return {"neg_elbo": neg_elbo, "decoder": decoder, "prior": prior, "logdet": logdet,
                 "entropy": entropy, "latents": latents}
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, noise: BatchNoise | None = None) -> tuple[Tensor, dict[str, float]]:
         """Training loss: the negative ELBO in bits per token; metrics hold each term (bits per token)."""
-        terms = self.elbo_terms(x)
+        terms = self.elbo_terms(x, noise=noise)
         per_token = x.shape[0] * x.shape[1] * LN2
         metrics = {k: terms[k].detach().sum() / per_token for k in ("decoder", "prior", "logdet", "entropy")}
         for k, v in enumerate(terms["latents"][1:], start=1):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..config import GeneratorConfig
 from ..nn.draws import categorical
+from ..nn.noise import BatchNoise
 from ..nn.transformer import Transformer, init_weights
 from .flow_lm import FlowLM
 
@@ -71,16 +72,22 @@ class OneStepGenerator(nn.Module):
         return (logits, states) if hidden else logits
 
     @torch.no_grad()
-    def encode(self, x: Tensor, deterministic: bool = False, generator: torch.Generator | None = None):
-        """z = f(u) for text x, with the flow's latents and block hidden states (the alignment targets)."""
-        eps = torch.zeros(*x.shape, self.d, device=x.device) if deterministic else \
-            torch.randn(*x.shape, self.d, device=x.device, generator=generator)
+    def encode(self, x: Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
+               noise: BatchNoise | None = None):
+        """z = f(u) for text x, with the flow's latents and block hidden states (the alignment targets). The
+        noise of u comes from `noise` (the trainer's, see nn/noise.py), else `generator`."""
+        if deterministic:
+            eps = torch.zeros(*x.shape, self.d, device=x.device)
+        elif noise is not None:
+            eps = noise.randn(x.shape[0], x.shape[1], self.d, device=x.device)
+        else:
+            eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
         u, _ = self.flow.codebook.sample(x, eps)
         z, _, latents, hidden = self.flow.flow(u)
         return z, latents, hidden
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        z, latents, flow_hidden = self.encode(x, deterministic=self.cfg.deterministic_u)
+    def loss(self, x: Tensor, noise: BatchNoise | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        z, latents, flow_hidden = self.encode(x, deterministic=self.cfg.deterministic_u, noise=noise)
         logits, states = self.logits(z, hidden=True)
         ce = F.cross_entropy(logits.reshape(-1, self.vocab_size), x.reshape(-1)) / LN2
         metrics = {"ce_bits": ce.detach(), "accuracy": (logits.argmax(-1) == x).float().mean().detach()}

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..config import BackboneConfig
 from ..nn.draws import categorical
+from ..nn.noise import BatchNoise
 from ..nn.transformer import Transformer, init_weights
 
 LN2 = math.log(2)
@@ -61,10 +62,17 @@ class MDLM(nn.Module):
         """alpha_t = 1 - t: the probability that a token is still unmasked at time t."""
         return 1 - t
 
-    def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """Low-discrepancy times t_i = (u + i/B) mod 1, floored at eps (B,)."""
-        u = torch.rand(1, device=device, generator=generator)
-        t = (u + torch.arange(batch, device=device) / batch) % 1
+    def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None,
+                 noise: BatchNoise | None = None) -> Tensor:
+        """Low-discrepancy times t_i = (u + i/B) mod 1, floored at eps (B,). With the trainer's `noise`, i and B
+        are the global index and the global batch size (so the times do not depend on the split)."""
+        if noise is not None:
+            u = noise.shared_rand(1, device=device)
+            index, total = noise.index(batch, device=device)
+        else:
+            u = torch.rand(1, device=device, generator=generator)
+            index, total = torch.arange(batch, device=device), batch
+        t = (u + index / total) % 1
         return t.clamp_min(self.eps)
 
     def denoiser_logits(self, z: Tensor) -> Tensor:
@@ -72,19 +80,25 @@ class MDLM(nn.Module):
         return self.head(self.transformer(self.embed(z)))
 
     # ---- the objective ----------------------------------------------------------------------------------
-    def nelbo(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def nelbo(self, x: Tensor, generator: torch.Generator | None = None,
+              noise: BatchNoise | None = None) -> tuple[Tensor, Tensor]:
         """One draw of the NELBO estimate in nats per sequence (B,), and the mask (B, T) it used:
         (1 / t) * sum over masked positions of -log x_theta(z_t)[x] (unmasked positions carry over: 0)."""
-        t = self.sample_t(x.shape[0], x.device, generator)
-        masked = torch.rand(x.shape, device=x.device, generator=generator) < (1 - self.alpha(t))[:, None]
+        t = self.sample_t(x.shape[0], x.device, generator, noise)
+        if noise is not None:
+            draws = noise.rand(x.shape[0], x.shape[1], device=x.device)
+        else:
+            draws = torch.rand(x.shape, device=x.device, generator=generator)
+        masked = draws < (1 - self.alpha(t))[:, None]
         z_t = torch.where(masked, torch.full_like(x, self.mask_id), x)
         ce = F.cross_entropy(self.denoiser_logits(z_t).float().transpose(1, 2), x, reduction="none")
         weight = 1 / t  # -alpha'_t / (1 - alpha_t)
         return weight * (ce * masked).sum(-1), masked
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Training loss: the NELBO in bits per token; metrics: the fraction of masked tokens."""
-        bound, masked = self.nelbo(x)
+    def loss(self, x: Tensor, noise: BatchNoise | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training loss: the NELBO in bits per token; metrics: the fraction of masked tokens. The times and
+        masks come from `noise` (the trainer's, see nn/noise.py), else the global torch RNG."""
+        bound, masked = self.nelbo(x, noise=noise)
         return bound.sum() / (x.numel() * LN2), {"mask_rate": masked.float().mean()}
 
     forward = loss  # the trainer (and DDP) call model(x)

@@ -3,6 +3,7 @@
 A checkpoint is a folder `checkpoints/step_00001234/` holding
     model.safetensors   the model's weights
     state.pt            optimizer, schedule position, RNG states, counters (everything --resume needs)
+    ema.safetensors     the EMA of the weights (only when train.ema is set)
     meta.json           step, and the size and sha256 of each file above
 It is written into a temporary folder, every file fsync'ed, then renamed into place in one step, so a reader
 sees either the whole checkpoint or none of it. On load, sizes and hashes are checked; a damaged or partial
@@ -47,22 +48,30 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict,
-                    keep_last: int = 3) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest `keep_last`."""
+                    keep_last: int = 3, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a checkpoint atomically, then delete all but the newest `keep_last`. `extra` holds more weight
+    files by name (e.g. {"ema.safetensors": ...}); they are hashed and verified like the others."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _clean_interrupted(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    for name, tensors in (extra or {}).items():
+        if not name.endswith(".safetensors") or name in FILES or "/" in name:
+            raise ValueError(f"bad extra checkpoint file name {name!r}")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
     torch.save(state, tmp / "state.pt")
+    names = (*FILES, *sorted(extra or {}))
     meta = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                                    for name in FILES}}
+                                    for name in names}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    for name in (*FILES, "meta.json"):
+    for name in (*names, "meta.json"):
         _fsync(tmp / name)
+    _fsync(tmp)
     if final.exists():  # the same step written again (e.g. the end of a resumed run): replace it whole
         old = root / f".old_step_{step:08d}_{os.getpid()}"
         os.replace(final, old)
@@ -72,8 +81,24 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         os.replace(tmp, final)
     _fsync(root)
     for stale in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
+        # renamed first, so a kill during the deletion never leaves a half-deleted `step_N` behind
+        trash = root / f".del_{stale.name}_{os.getpid()}"
+        os.replace(stale, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def _clean_interrupted(root: Path) -> None:
+    """Tidy what a killed writer left: put back a checkpoint that was being replaced (`.old_step_N_pid` when
+    `step_N` is missing), and remove temporary folders. Only the main process writes checkpoints."""
+    for old in sorted(root.glob(".old_step_*")):
+        final = root / "_".join(old.name[len(".old_"):].split("_")[:2])
+        if not final.exists():
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in [*root.glob(".tmp_step_*"), *root.glob(".del_step_*")]:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -90,9 +115,11 @@ def verify_checkpoint(path: Path) -> str | None:
     try:
         meta = json.loads(meta_path.read_text())
         files = meta["files"]
-    except (OSError, ValueError, KeyError) as e:
+        if not isinstance(files, dict) or any(name not in files for name in FILES):
+            raise KeyError("files")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return f"meta.json is missing or unreadable ({e.__class__.__name__})"
-    for name in FILES:
+    for name in files:
         p = path / name
         if not p.is_file():
             return f"{name} is missing"
@@ -113,8 +140,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "model.safetensors"))
+def load_weights(path: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint (`name`: model.safetensors, or ema.safetensors for the EMA weights)."""
+    return load_file(str(Path(path) / name))
+
+
+def has_file(path: Path, name: str) -> bool:
+    """Whether the checkpoint holds (and its meta.json lists) the file `name`."""
+    try:
+        return name in json.loads((Path(path) / "meta.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def load_state(path: Path) -> dict:
