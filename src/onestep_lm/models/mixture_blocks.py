@@ -45,54 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.transformer import KVCache, Transformer, init_weights
+from ..nn.transformer import init_weights
 from .mixture import gaussianize_from_log_cdf, log_normal, mixture_gaussianize, mixture_invert
+from .tarflow import CausalFlowBlock
 
 MIX_LOG_SCALE_CLIP = 4.0  # Mix-1 component log-scales: c * tanh(raw / c), scales in [0.018, 55]
 INIT_MEAN_VARIANCE = 0.3  # Mix-1 at init: variance of the evenly spread means (the rest is the components')
-
-
-class _CausalBlock(nn.Module):
-    """What the mixture blocks share: the causal transformer, block order, teacher-forced states and the
-    sequential inverse. Subclasses give `_transform(w, h) -> (y, logdet (B,))` and `_invert_position`."""
-
-    def __init__(self, d: int, seq_len: int, width: int, depth: int, heads: int, reverse: bool,
-                 mlp_ratio: int = 4, dropout: float = 0.0):
-        super().__init__()
-        self.d, self.reverse, self.width = d, reverse, width
-        self.inp = nn.Linear(d, width)
-        self.start = nn.Parameter(torch.randn(width) * 0.02)
-        self.net = Transformer(width, depth, heads, seq_len, causal=True, mlp_ratio=mlp_ratio, dropout=dropout)
-
-    def _in_order(self, v: Tensor) -> Tensor:
-        return v.flip(1) if self.reverse else v
-
-    def forward(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """y = f_k(v), log|det| per sequence (B,), the transformer's hidden states (B, T, width); natural order."""
-        w = self._in_order(v)
-        start = self.start.to(w.dtype).expand(w.shape[0], 1, -1)
-        h = self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
-        y, logdet = self._transform(w, h)
-        return self._in_order(y), logdet, self._in_order(h)
-
-    @torch.no_grad()
-    def inverse(self, y: Tensor, use_cache: bool = True) -> Tensor:
-        """v = f_k^{-1}(y), position by position in the block's order, each dimension by 1-D root finding."""
-        w_y = self._in_order(y).float()
-        B, T, _ = w_y.shape
-        w = torch.empty_like(w_y)
-        h_in = self.start.expand(B, 1, -1).to(w_y.dtype)
-        cache = KVCache() if use_cache else None
-        for t in range(T):
-            if use_cache:
-                h = self.net(h_in, start=t, cache=cache)[:, -1]
-            else:  # recompute the whole prefix: the reference the cached path is tested against
-                prefix = torch.cat([h_in, self.inp(w[:, :t])], dim=1) if t else h_in
-                h = self.net(prefix)[:, -1]
-            w[:, t] = self._invert_position(w_y[:, t], h)
-            if use_cache:
-                h_in = self.inp(w[:, t:t + 1])
-        return self._in_order(w)
 
 
 class MaskedLinear(nn.Linear):
@@ -126,7 +84,7 @@ class DimConditioner(nn.Module):
         return (self.out(a) + self.skip(v)).unflatten(-1, (self.d, self.n_out))
 
 
-class Mix1Block(_CausalBlock):
+class Mix1Block(CausalFlowBlock):
     def __init__(self, d: int, seq_len: int, width: int, depth: int, heads: int, reverse: bool,
                  components: int = 8, mlp_ratio: int = 4, dropout: float = 0.0):
         super().__init__(d, seq_len, width, depth, heads, reverse, mlp_ratio, dropout)
@@ -162,7 +120,7 @@ class Mix1Block(_CausalBlock):
         return v
 
 
-class MixdBlock(_CausalBlock):
+class MixdBlock(CausalFlowBlock):
     def __init__(self, codebook: nn.Module, d: int, seq_len: int, width: int, depth: int, heads: int,
                  reverse: bool = False, mlp_ratio: int = 4, dropout: float = 0.0):
         super().__init__(d, seq_len, width, depth, heads, reverse, mlp_ratio, dropout)

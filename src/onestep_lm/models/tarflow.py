@@ -17,36 +17,33 @@ from torch import Tensor, nn
 from ..nn.transformer import KVCache, Transformer, init_weights
 
 
-class AffineBlock(nn.Module):
+class CausalFlowBlock(nn.Module):
+    """What every flow block shares: a causal transformer over [start, v_0, ..., v_{T-2}] in the block's order,
+    giving each position t a state h_t from the positions before t; the teacher-forced forward pass; and the
+    exact sequential inverse with a KV cache. A block type supplies
+        _transform(w, h) -> (y, log|det| (B,))        the map of a whole sequence, in block order, float32
+        _invert_position(y_t, h_t) -> v_t              its inverse at one position, given that position's state
+    """
+
     def __init__(self, d: int, seq_len: int, width: int, depth: int, heads: int, reverse: bool,
-                 clip: float = 3.0, mlp_ratio: int = 4, dropout: float = 0.0):
+                 mlp_ratio: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.d, self.reverse, self.clip = d, reverse, clip
+        self.d, self.reverse, self.width = d, reverse, width
         self.inp = nn.Linear(d, width)
         self.start = nn.Parameter(torch.randn(width) * 0.02)
         self.net = Transformer(width, depth, heads, seq_len, causal=True, mlp_ratio=mlp_ratio, dropout=dropout)
-        self.head = nn.Linear(width, 2 * d)
-        init_weights(self)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
 
     def _in_order(self, v: Tensor) -> Tensor:
         return v.flip(1) if self.reverse else v
-
-    def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = self.head(h).float().chunk(2, dim=-1)
-        return self.clip * torch.tanh(a / self.clip), b
 
     def forward(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """y = f_k(v), its log|det| per sequence (B,), and the transformer's hidden states (B, T, width), all in
         the natural position order (the state at t is computed from the positions before t in block order)."""
         w = self._in_order(v)
-        B = w.shape[0]
-        start = self.start.to(w.dtype).expand(B, 1, -1)
+        start = self.start.to(w.dtype).expand(w.shape[0], 1, -1)
         h = self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
-        a, b = self._scale_shift(h)
-        y = (w.float() - b) * torch.exp(-a)
-        return self._in_order(y), -a.sum(dim=(1, 2)), self._in_order(h)
+        y, logdet = self._transform(w, h)
+        return self._in_order(y), logdet, self._in_order(h)
 
     @torch.no_grad()
     def inverse(self, y: Tensor, use_cache: bool = True) -> Tensor:
@@ -62,8 +59,30 @@ class AffineBlock(nn.Module):
             else:  # recompute the whole prefix: the reference the cached path is tested against
                 prefix = torch.cat([h_in, self.inp(w[:, :t])], dim=1) if t else h_in
                 h = self.net(prefix)[:, -1]
-            a, b = self._scale_shift(h)
-            w[:, t] = w_y[:, t] * torch.exp(a) + b
+            w[:, t] = self._invert_position(w_y[:, t], h)
             if use_cache:
                 h_in = self.inp(w[:, t:t + 1])
         return self._in_order(w)
+
+
+class AffineBlock(CausalFlowBlock):
+    def __init__(self, d: int, seq_len: int, width: int, depth: int, heads: int, reverse: bool,
+                 clip: float = 3.0, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__(d, seq_len, width, depth, heads, reverse, mlp_ratio, dropout)
+        self.clip = clip
+        self.head = nn.Linear(width, 2 * d)
+        init_weights(self)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.head(h).float().chunk(2, dim=-1)
+        return self.clip * torch.tanh(a / self.clip), b
+
+    def _transform(self, w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self._scale_shift(h)
+        return (w.float() - b) * torch.exp(-a), -a.sum(dim=(1, 2))
+
+    def _invert_position(self, y_t: Tensor, h_t: Tensor) -> Tensor:
+        a, b = self._scale_shift(h_t)
+        return y_t * torch.exp(a) + b
