@@ -31,3 +31,15 @@ class MarkovSource:
             r = rng.random(n)
             x[:, t] = np.minimum((r[:, None] > cum[x[:, t - 1]]).sum(1), self.V - 1)
         return torch.from_numpy(x)
+
+
+def fit(model, src: MarkovSource, steps: int = 300, T: int = 8, batch: int = 64, lr: float = 3e-3):
+    """Train a model on fresh windows of the source with Adam (seeded by step); leaves it in eval mode."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        loss, _ = model(src.sample(batch, T, seed=step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

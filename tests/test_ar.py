@@ -11,7 +11,7 @@ from onestep_lm.config import BackboneConfig
 from onestep_lm.models.ar import ARLM, filter_logits
 from onestep_lm.nn.transformer import init_weights
 
-from synthetic import MarkovSource
+from synthetic import MarkovSource, fit
 
 CFG = BackboneConfig(width=32, depth=2, heads=2, mlp_ratio=2)
 
@@ -112,13 +112,7 @@ def test_training_approaches_the_entropy_and_never_beats_it():
         return b.mean().item(), b.std().item() / math.sqrt(len(b))
 
     before, _ = bits()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(300):
-        loss, _ = model(src.sample(64, T, seed=step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model, src, steps=300, T=T)
     after, se = bits()
     assert after < before - 0.3, (before, after)
     assert after >= H - 3 * se, f"exact NLL {after:.3f} below the true entropy {H:.3f}"

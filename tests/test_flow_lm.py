@@ -7,7 +7,7 @@ import torch
 from onestep_lm.config import FlowConfig
 from onestep_lm.models.flow_lm import FlowLM
 
-from synthetic import MarkovSource
+from synthetic import MarkovSource, fit
 
 
 def bound_bits(model, x, samples=1, seed=0):
@@ -23,13 +23,7 @@ def test_bound_never_below_true_entropy_and_falls_with_training():
     model = FlowLM(4, T, FlowConfig(d=2, blocks=2, layers_per_block=1, width=32, heads=2, sigma_init=0.5))
     test_x = src.sample(4000, T, seed=123)
     before, _ = bound_bits(model.eval(), test_x)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(300):
-        loss, _ = model(src.sample(64, T, seed=step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model, src, steps=300, T=T)
     model.eval()
     after, se = bound_bits(model, test_x)
     iw, se_iw = bound_bits(model, test_x, samples=8)
