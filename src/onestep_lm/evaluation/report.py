@@ -186,16 +186,8 @@ def plot_quality_vs_time(rows: list[dict], data: dict | None, caption: str, out:
     if data:
         ax.axhline(data["judge"]["gen_perplexity"], color="k", ls="--", lw=1, label="real validation text")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("latency for one sequence, s (log)")
-    ax.set_ylabel("judge perplexity of samples (log)")
-    ax.set_title(caption, fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, caption, out)
 
 
 def plot_frontier(sweeps: list[dict], data: dict | None, caption: str, out: Path) -> Path:
@@ -217,8 +209,13 @@ def plot_frontier(sweeps: list[dict], data: dict | None, caption: str, out: Path
         ax.axvline(data["unigram_entropy_nats"], color="k", ls="--", lw=1, label="entropy of real text")
         ax.plot([data["unigram_entropy_nats"]], [data["judge"]["gen_perplexity"]], "k*", ms=12,
                 label="real validation text")
-    ax.set_yscale("log")
     ax.set_xlabel("mean per-sample unigram entropy, nats")
+    return _finish(fig, ax, caption, out)
+
+
+def _finish(fig, ax, caption: str, out: Path) -> Path:
+    """What both plots share: a log judge-perplexity axis, the caption (n, seed), grid, legend, the PNG."""
+    ax.set_yscale("log")
     ax.set_ylabel("judge perplexity of samples (log)")
     ax.set_title(caption, fontsize=7)
     ax.grid(alpha=0.3, which="both")
