@@ -142,14 +142,10 @@ class BackboneConfig:
 
 
 @dataclass
-class GeneratorConfig:
-    """Stage B: the one-step generator G (z -> logits), a bidirectional transformer."""
+class GeneratorConfig(BackboneConfig):
+    """Stage B: the one-step generator G (z -> logits), a bidirectional transformer: a backbone (width, depth,
+    heads, mlp_ratio, dropout) plus the options below."""
 
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: int = 4
-    dropout: float = 0.0
     positions: str = "learned"  # learned | rotary
     deterministic_u: bool = False  # train on z = f(mu_x) instead of z = f(u), u ~ q(.|x) fresh at every visit
     align_lambda: float = 0.0  # weight of the alignment loss (0 turns it off)
@@ -159,10 +155,8 @@ class GeneratorConfig:
 
     CHOICES = {"positions": ("learned", "rotary"), "align_target": ("latents", "hidden")}
 
-    def validate(self, flow_blocks: int) -> None:
-        for key in ("width", "depth", "heads", "mlp_ratio"):
-            _positive(f"model.generator.{key}", getattr(self, key))
-        _divides("model.generator", self.width, self.heads)
+    def validate(self, flow_blocks: int) -> None:  # type: ignore[override]
+        super().validate("model.generator")
         if self.align_lambda < 0:
             raise ConfigError(f"config key model.generator.align_lambda: {self.align_lambda} must be >= 0")
         for pair in self.align_pairs:
