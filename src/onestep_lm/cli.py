@@ -151,8 +151,13 @@ def cmd_sample(args) -> None:
     from .sampling import sample_tokens
 
     run = open_run(args.run, device=args.device)
+    info: dict = {}
     tokens = sample_tokens(run, args.n, sampler=args.sampler, seed=args.seed, tau=args.tau,
-                           temperature=args.temperature, steps=args.steps, top_k=args.top_k, top_p=args.top_p)
+                           temperature=args.temperature, steps=args.steps, top_k=args.top_k, top_p=args.top_p,
+                           tol=args.tol, max_sweeps=args.max_sweeps, info=info)
+    if "sweeps" in info:
+        print(f"flow-jacobi: sweeps per block (block K first, at most {run.config.data.seq_len} each): "
+              f"{info['sweeps']}", file=sys.stderr)
     texts = [run.tokenizer.decode(t.tolist()) for t in tokens]
     if args.out is not None:
         write_text_atomic(args.out, "".join(json.dumps({"text": t, "seed": args.seed, "index": i}) + "\n"
@@ -165,8 +170,18 @@ def cmd_run(args) -> None:
     from .pipeline import run_pipeline
 
     report = run_pipeline(config=args.config, out=args.out, resume=args.resume, overrides=args.overrides,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, judge=args.judge, judged_samples=args.samples)
     print(f"report: {report}")
+
+
+def cmd_sweep(args) -> None:
+    from .pipeline import default_config_path
+    from .sweep import run_sweep
+
+    path = run_sweep(args.config or default_config_path(), args.out, weights=args.weights,
+                     fractions=args.prior_fractions, overrides=args.overrides, judge=args.judge, n=args.samples,
+                     seed=args.seed, progress=not args.no_progress)
+    print(f"sweep: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,8 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="draw texts from a run")
     sa.add_argument("--run", type=Path, required=True)
     sa.add_argument("-n", type=int, default=4)
-    sa.add_argument("--sampler", help="onestep | flow-inverse (generator runs); flow-inverse (flow runs); "
-                                      "ar (AR runs); mdlm (MDLM runs). Default: the first of these for the run")
+    sa.add_argument("--sampler", help="onestep | flow-inverse | flow-jacobi (generator runs); flow-inverse | "
+                                      "flow-jacobi (flow runs); ar (AR runs); mdlm (MDLM runs). Default: the "
+                                      "first of these for the run")
+    sa.add_argument("--tol", type=float, default=1e-4,
+                    help="flow-jacobi: a block's sweeps stop when no entry moved by more than this")
+    sa.add_argument("--max-sweeps", type=int, help="flow-jacobi: sweeps per block at most (default T: exact)")
     sa.add_argument("--tau", type=float, default=1.0, help="prior temperature: z ~ N(0, tau^2 I)")
     sa.add_argument("--temperature", type=float,
                     help="softmax temperature of the token draws (0: argmax; draws are float64). "
@@ -232,8 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", type=Path, default=Path("runs/demo"))
     rn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rn.add_argument("--resume", action="store_true")
+    rn.add_argument("--judge", default="train",
+                    help="train (default: train an AR judge as a stage, model.ar with train.judge overrides), an AR "
+                         "run folder, hf:PATH_OR_NAME, or none (no comparison report)")
+    rn.add_argument("--samples", type=int, default=64, help="samples judged per sampler setting (default 64)")
     rn.add_argument("--no-progress", action="store_true")
     rn.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="the transport trade-off: flows at several transport weights, generators "
+                                      "with and without prior pairs, one table and plot")
+    sw.add_argument("--config", type=Path, help="YAML config (default: configs/shakespeare.yaml's settings)")
+    sw.add_argument("--out", type=Path, required=True, help="the sweep's folder (finished stages are kept)")
+    sw.add_argument("--weights", type=_float_list, required=True,
+                    help="transport weights beta, comma-separated, e.g. 0,0.1,0.3,1")
+    sw.add_argument("--prior-fractions", type=_float_list, default=[0.0],
+                    help="prior-pair fractions of the generators trained on each flow, e.g. 0,0.5 (default 0)")
+    sw.add_argument("--judge", help="also judge one-step samples: an AR run folder, or hf:PATH_OR_NAME")
+    sw.add_argument("--samples", type=int, default=64, help="with --judge: samples judged per row")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
 
     be = sub.add_parser("bench", help="benchmarks")
     benches = be.add_subparsers(dest="bench_command", required=True)

@@ -19,6 +19,7 @@ import yaml
 from .errors import ConfigError
 
 MODEL_KINDS = ("flow", "generator", "ar", "mdlm")
+OVERRIDE_SECTIONS = (*MODEL_KINDS, "judge")  # train.<section>: per-model overrides of the train keys
 
 
 @dataclass
@@ -51,6 +52,22 @@ class DataConfig:
                               "summing to 1 (train, val[, test])")
 
 
+@dataclass
+class TransportConfig:
+    """A transport penalty on the flow (issue #8): weight * displacement per token is added to the training loss,
+    and left out of the bound. kind `end`: ||z - u||^2, the end-to-end displacement; kind `blocks`: the sum of each
+    block's own displacement, sum_k ||v_k - v_{k-1}||^2 (the length of the path, squared step by step)."""
+
+    weight: float = 0.0  # beta; 0 turns the penalty off (the displacement is logged either way)
+    kind: str = "end"
+
+    CHOICES = {"kind": ("end", "blocks")}
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"config key model.flow.transport.weight: {self.weight} must be >= 0")
+
+
 FLOW_BLOCK_TYPES = ("affine", "mix1", "mixd")
 FLOW_BLOCK_KEYS = ("type", "layers", "count", "components")
 
@@ -76,8 +93,10 @@ class FlowConfig:
     # progressive freezing: entry k is the training step from which block k (0-based) stops training (the
     # codebook freezes with block 0); non-decreasing, at most one entry per block; empty: nothing freezes
     freeze_schedule: list[int] = field(default_factory=list)
+    transport: TransportConfig = field(default_factory=TransportConfig)  # the transport penalty (issue #8)
 
     def validate(self) -> None:
+        self.transport.validate()
         for key in ("d", "layers_per_block", "width", "heads", "mlp_ratio", "mixture_components"):
             _positive(f"model.flow.{key}", getattr(self, key))
         _divides("model.flow", self.width, self.heads)
@@ -142,6 +161,33 @@ class BackboneConfig:
 
 
 @dataclass
+class PriorPairsConfig:
+    """Prior pairs for Stage B (issue #8): a share of every batch are pairs (z ~ N(0, tau^2 I), x* = decode(f^{-1}(z)))
+    drawn from a pool that the flow's exact inverse refills every `refresh_every` steps."""
+
+    fraction: float = 0.0  # share of each batch's rows that are prior pairs (0 turns them off)
+    pool: int = 512  # pairs in the pool
+    refresh_every: int = 100  # training steps between refills
+    tau: float = 1.0  # prior scale of the pool's z
+    inverse: str = "sequential"  # sequential (KV-cached) | jacobi (parallel sweeps, see models/tarflow.py)
+    tol: float = 1e-4  # jacobi: stop a block's sweeps when no entry moved more than this
+    max_sweeps: int | None = None  # jacobi: sweeps per block at most (null: T, where the inverse is exact)
+
+    CHOICES = {"inverse": ("sequential", "jacobi")}
+
+    def validate(self) -> None:
+        if not 0 <= self.fraction <= 1:
+            raise ConfigError(f"config key model.generator.prior.fraction: {self.fraction} must be in [0, 1]")
+        _positive("model.generator.prior.pool", self.pool)
+        _positive("model.generator.prior.refresh_every", self.refresh_every)
+        _positive("model.generator.prior.tau", self.tau)
+        if self.tol < 0:
+            raise ConfigError(f"config key model.generator.prior.tol: {self.tol} must be >= 0")
+        if self.max_sweeps is not None:
+            _positive("model.generator.prior.max_sweeps", self.max_sweeps)
+
+
+@dataclass
 class GeneratorConfig(BackboneConfig):
     """Stage B: the one-step generator G (z -> logits), a bidirectional transformer: a backbone (width, depth,
     heads, mlp_ratio, dropout) plus the options below."""
@@ -152,11 +198,13 @@ class GeneratorConfig(BackboneConfig):
     align_target: str = "latents"  # latents (v_{K-j} along the inverse path) | hidden (flow block hidden states)
     # [generator layer (1..depth), j (1..K)] pairs; empty: pair layer round(j * depth / K) with j = 1..K
     align_pairs: list[list[int]] = field(default_factory=list)
+    prior: PriorPairsConfig = field(default_factory=PriorPairsConfig)  # prior pairs in the batch (issue #8)
 
     CHOICES = {"positions": ("learned", "rotary"), "align_target": ("latents", "hidden")}
 
     def validate(self, flow_blocks: int) -> None:  # type: ignore[override]
         super().validate("model.generator")
+        self.prior.validate()
         if self.align_lambda < 0:
             raise ConfigError(f"config key model.generator.align_lambda: {self.align_lambda} must be >= 0")
         for pair in self.align_pairs:
@@ -213,10 +261,12 @@ class TrainConfig:
     generator: dict[str, Any] = field(default_factory=dict)
     ar: dict[str, Any] = field(default_factory=dict)
     mdlm: dict[str, Any] = field(default_factory=dict)
+    # the judge that `onestep-lm run` trains (an AR model, model.ar): overrides applied on top of train.ar's
+    judge: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         self._check_ranges()
-        for kind in MODEL_KINDS:
+        for kind in OVERRIDE_SECTIONS:
             self.for_model(kind)  # the overrides are checked like any key
 
     def _check_ranges(self) -> None:
@@ -240,7 +290,7 @@ class TrainConfig:
     def for_model(self, kind: str) -> "TrainConfig":
         """This config with the overrides of one model kind applied (overrides are checked like any key)."""
         overrides = getattr(self, kind)
-        merged = {k: v for k, v in dataclasses.asdict(self).items() if k not in MODEL_KINDS}
+        merged = {k: v for k, v in dataclasses.asdict(self).items() if k not in OVERRIDE_SECTIONS}
         for key, value in overrides.items():
             if key not in merged:
                 raise ConfigError(f"unknown config key 'train.{kind}.{key}'; allowed keys: {', '.join(merged)}")

@@ -2,6 +2,8 @@
 
     flow-inverse   z ~ N(0, tau^2 I), the flow's exact sequential inverse, then the tied decoder
                    (on a generator run: the generator's own flow, for side-by-side comparison)
+    flow-jacobi    the same z and decoder, the inverse by parallel Jacobi sweeps in each block until no entry
+                   moves by more than `tol` (at most `max_sweeps` per block; T sweeps are exact)
     onestep        z ~ N(0, tau^2 I), logits = G(z) in one forward pass, argmax or a float64 draw
     ar             token by token with a KV cache; temperature, optional top-k / top-p
     mdlm           masked diffusion, `steps` ancestral steps from all-mask (cached when nothing changed)
@@ -15,7 +17,7 @@ from .errors import ConfigError
 from .nn.draws import categorical  # noqa: F401  (re-exported: samplers draw through it)
 from .runs import Run
 
-SAMPLERS = {"flow": ("flow-inverse",), "generator": ("onestep", "flow-inverse"), "ar": ("ar",),
+SAMPLERS = {"flow": ("flow-inverse", "flow-jacobi"), "generator": ("onestep", "flow-inverse", "flow-jacobi"), "ar": ("ar",),
             "mdlm": ("mdlm",)}
 DEFAULT_TEMPERATURE = {"onestep": 0.0, "ar": 1.0, "mdlm": 1.0}  # one-step: argmax; baselines: ancestral draws
 
@@ -26,8 +28,10 @@ def default_sampler(kind: str) -> str:
 
 def sample_tokens(run: Run, n: int, sampler: str | None = None, seed: int = 0, seq_len: int | None = None,
                   tau: float = 1.0, temperature: float | None = None, steps: int | None = None,
-                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """n sequences of token ids (n, seq_len) from the named sampler; the same seed gives the same sequences."""
+                  top_k: int | None = None, top_p: float | None = None, tol: float = 1e-4,
+                  max_sweeps: int | None = None, info: dict | None = None) -> torch.Tensor:
+    """n sequences of token ids (n, seq_len) from the named sampler; the same seed gives the same sequences.
+    flow-jacobi adds the sweeps each block made to `info` (under "sweeps", block K first) when it is given."""
     sampler = sampler or default_sampler(run.kind)
     if sampler not in SAMPLERS[run.kind]:
         raise ConfigError(f"sampler {sampler!r} is not available for a {run.kind} run; "
@@ -41,9 +45,18 @@ def sample_tokens(run: Run, n: int, sampler: str | None = None, seed: int = 0, s
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if steps is not None and steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
-    if sampler == "flow-inverse":
+    if sampler in ("flow-inverse", "flow-jacobi"):
         flow = run.model.flow if run.kind == "generator" else run.model
-        return flow.sample(n, seq_len, tau=tau, generator=generator)
+        if sampler == "flow-inverse":
+            return flow.sample(n, seq_len, tau=tau, generator=generator)
+        if tol < 0 or (max_sweeps is not None and max_sweeps < 1):
+            raise ConfigError(f"flow-jacobi needs tol >= 0 and max_sweeps >= 1; got tol {tol}, max_sweeps "
+                              f"{max_sweeps}")
+        jacobi = {"tol": tol, "max_sweeps": max_sweeps}
+        tokens = flow.sample(n, seq_len, tau=tau, generator=generator, jacobi=jacobi)
+        if info is not None:
+            info["sweeps"] = jacobi["sweeps"]
+        return tokens
     if sampler == "onestep":
         return run.model.sample(n, seq_len, tau=tau, temperature=temperature, generator=generator)
     if sampler == "ar":

@@ -45,3 +45,25 @@ def latent_stats(z: torch.Tensor) -> dict:
         "min_dim_std": per_dim.std(0).min().item(), "max_dim_std": per_dim.std(0).max().item(),
         "coordinates": flat.numel(), "normal_reference": dict(NORMAL_REFERENCE),
     }
+
+
+@torch.no_grad()
+def transport_stats(flow, tokens, seq_len: int, batch_size: int, max_windows: int = 512, seed: int = 0,
+                    device: torch.device | str = "cpu") -> dict:
+    """How far the flow moves held-out text (u ~ q(.|x)): the mean (z - u)^2 per coordinate, and each block's own
+    mean (v_k - v_{k-1})^2 per coordinate, over up to `max_windows` evaluation windows."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    end, blocks, n = 0.0, None, 0
+    for x in eval_windows(tokens, seq_len, batch_size):
+        if x.shape[1] != seq_len or n >= max_windows:
+            break
+        x = x[: max_windows - n].to(device)
+        eps = torch.randn(*x.shape, flow.d, device=device, generator=generator)
+        latents = flow.flow(flow.codebook.sample(x, eps)[0])[2]
+        end += ((latents[-1] - latents[0]) ** 2).sum().item()
+        steps = [((b - a) ** 2).sum().item() for a, b in zip(latents, latents[1:])]
+        blocks = steps if blocks is None else [s + t for s, t in zip(blocks, steps)]
+        n += len(x)
+    coords = n * seq_len * flow.d
+    return {"displacement_per_dim": end / coords, "block_displacement_per_dim": [b / coords for b in blocks],
+            "windows": n, "seed": seed}

@@ -21,15 +21,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_training_curves(runs: dict[str, Path], out: Path) -> Path:
-    """Training loss (and validation bits per token where logged) against step, one line per run."""
+    """Training loss (and validation bits per token where logged) against step, one line per run. A flow's
+    curves are its bound (`bound`, without the transport penalty) where it was logged."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, run_dir in runs.items():
         records = read_metrics(run_dir)
-        steps = [r["step"] for r in records if "loss" in r]
-        ax.plot(steps, [r["loss"] for r in records if "loss" in r], label=f"{name} train loss")
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        key = "bound" if any("bound" in r for r in records) else "loss"
+        steps = [r["step"] for r in records if key in r]
+        ax.plot(steps, [r[key] for r in records if key in r], label=f"{name} train {key}")
+        val = [(r["step"], r[f"val_{key}"]) for r in records if f"val_{key}" in r]
         if val:
-            ax.plot(*zip(*val), "o--", label=f"{name} validation loss")
+            ax.plot(*zip(*val), "o--", label=f"{name} validation {key}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss, bits per token (flow: the bound)")
     ax.grid(alpha=0.3)

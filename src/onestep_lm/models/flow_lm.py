@@ -10,6 +10,13 @@ Each term is kept separately (in nats per sequence): the decoder NLL -log p(x|u)
     decoder + prior - logdet - entropy
 and is an upper bound on -log p(x). With S samples of u, the importance-weighted bound
 -log (1/S) sum_s w_s (w_s the ELBO's integrand) is tighter and still a bound.
+
+The transport penalty (config key model.flow.transport, issue #8). Among flows of equal likelihood, the one that
+moves points least is the easiest for a one-step network to undo. Training adds
+    beta * displacement,   displacement = ||z - u||^2 (kind `end`) or sum_k ||v_k - v_{k-1}||^2 (kind `blocks`)
+per token (summed over the d dimensions, averaged over tokens) to the loss. It is logged as its own term
+(`transport`, and `displacement`: the mean (z - u)^2 per dimension) and is never part of the bound: nll() and the
+logged `bound` are the negative ELBO alone.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class FlowLM(nn.Module):
         self.codebook = GaussianCodebook(vocab_size, cfg.d, cfg.mu_init, cfg.sigma_init)
         self.blocks = nn.ModuleList(self._block(k, spec, seq_len, cfg) for k, spec in enumerate(cfg.block_specs()))
         self.freeze_schedule = list(cfg.freeze_schedule)
+        self.transport = cfg.transport
 
     def _block(self, k: int, spec: dict, seq_len: int, cfg: FlowConfig) -> nn.Module:
         """Block k of the stack (config key model.flow.blocks): affine, mix1 or mixd; directions alternate."""
@@ -89,6 +97,16 @@ class FlowLM(nn.Module):
             v = block.inverse(v, use_cache=use_cache)
         return v
 
+    @torch.no_grad()
+    def inverse_jacobi(self, z: Tensor, tol: float = 1e-4, max_sweeps: int | None = None) -> tuple[Tensor, list[int]]:
+        """u = f^{-1}(z) with Jacobi sweeps in each block (see CausalFlowBlock.inverse_jacobi): exact after T
+        sweeps per block. Returns u and the sweeps each block made, in the order they ran (block K first)."""
+        v, sweeps = z.float(), []
+        for block in reversed(self.blocks):
+            v, s = block.inverse_jacobi(v, tol=tol, max_sweeps=max_sweeps)
+            sweeps.append(s)
+        return v, sweeps
+
     # ---- the objective ----------------------------------------------------------------------------------
     def elbo_terms(self, x: Tensor, generator: torch.Generator | None = None,
                    noise: BatchNoise | None = None) -> dict[str, Tensor]:
@@ -107,14 +125,26 @@ class FlowLM(nn.Module):
         return {"neg_elbo": neg_elbo, "decoder": decoder, "prior": prior, "logdet": logdet,
                 "entropy": entropy, "latents": latents}
 
+    def displacement(self, latents: list[Tensor]) -> Tensor:
+        """The transport penalty's displacement per token (summed over dimensions, averaged over tokens)."""
+        if self.transport.kind == "blocks":
+            return sum(((b - a) ** 2).sum(-1).mean() for a, b in zip(latents, latents[1:]))
+        return ((latents[-1] - latents[0]) ** 2).sum(-1).mean()
+
     def loss(self, x: Tensor, noise: BatchNoise | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Training loss: the negative ELBO in bits per token; metrics hold each term (bits per token)."""
+        """Training loss: the negative ELBO in bits per token, plus the transport penalty when its weight is > 0;
+        metrics hold each ELBO term and the bound (bits per token), and the transport terms."""
         terms = self.elbo_terms(x, noise=noise)
         per_token = x.shape[0] * x.shape[1] * LN2
         metrics = {k: terms[k].detach().sum() / per_token for k in ("decoder", "prior", "logdet", "entropy")}
-        for k, v in enumerate(terms["latents"][1:], start=1):
+        latents = terms["latents"]
+        for k, v in enumerate(latents[1:], start=1):
             metrics[f"z2_block{k}"] = (v.detach() ** 2).mean()
-        loss = terms["neg_elbo"].sum() / per_token
+        bound = terms["neg_elbo"].sum() / per_token
+        transport = self.displacement(latents)
+        metrics.update(bound=bound.detach(), transport=transport.detach(),
+                       displacement=((latents[-1] - latents[0]).detach() ** 2).mean())
+        loss = bound + self.transport.weight * transport if self.transport.weight > 0 else bound
         return loss, metrics
 
     forward = loss  # the trainer (and DDP) call model(x)
@@ -141,8 +171,12 @@ class FlowLM(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, seq_len: int | None = None, tau: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
-        """z ~ N(0, tau^2 I) -> exact inverse -> decode."""
+               generator: torch.Generator | None = None, jacobi: dict | None = None) -> Tensor:
+        """z ~ N(0, tau^2 I) -> exact inverse -> decode. With `jacobi` ({"tol", "max_sweeps"}) the inverse is
+        made by Jacobi sweeps, and the sweeps each block made are added to that dict under "sweeps"."""
         device = self.codebook.mu.device
         z = tau * torch.randn(n, seq_len or self.seq_len, self.d, device=device, generator=generator)
-        return self.decode(z)
+        if jacobi is None:
+            return self.decode(z)
+        u, jacobi["sweeps"] = self.inverse_jacobi(z, jacobi.get("tol", 1e-4), jacobi.get("max_sweeps"))
+        return self.codebook.decode(u)

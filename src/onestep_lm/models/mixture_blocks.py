@@ -116,7 +116,7 @@ class Mix1Block(CausalFlowBlock):
     def _invert_position(self, y_t: Tensor, h: Tensor) -> Tensor:
         v = torch.zeros_like(y_t)
         for i in range(self.d):  # dimension i's mixture depends on v_{<i} only (masked), so zeros above are inert
-            v[:, i] = mixture_invert(y_t[:, i], *self._mixture(self.head(v, h)[:, i]))
+            v[..., i] = mixture_invert(y_t[..., i], *self._mixture(self.head(v, h)[..., i, :]))
         return v
 
 
@@ -155,9 +155,9 @@ class MixdBlock(CausalFlowBlock):
 
     def _invert_position(self, y_t: Tensor, h: Tensor) -> Tensor:
         mu, log_sigma = self._components()
-        acc = self.log_pi(h)  # (B, V): log pi_k + sum_{j<i} log N(u_j; mu_kj, sigma_k^2), unnormalised
+        acc = self.log_pi(h)  # (..., V): log pi_k + sum_{j<i} log N(u_j; mu_kj, sigma_k^2), unnormalised
         v = torch.zeros_like(y_t)
         for i in range(self.d):
-            v[:, i] = mixture_invert(y_t[:, i], torch.log_softmax(acc, dim=-1), mu[:, i], log_sigma)
-            acc = acc + log_normal((v[:, i:i + 1] - mu[:, i]) * torch.exp(-log_sigma)) - log_sigma
+            v[..., i] = mixture_invert(y_t[..., i], torch.log_softmax(acc, dim=-1), mu[:, i], log_sigma)
+            acc = acc + log_normal((v[..., i:i + 1] - mu[:, i]) * torch.exp(-log_sigma)) - log_sigma
         return v

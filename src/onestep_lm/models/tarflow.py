@@ -5,7 +5,9 @@ transformer fed [start, v_0, ..., v_{T-2}] gives, for every position t, a log-sc
 positions before t only (the learned start token means position 0 is transformed too):
     y_t = (v_t - b_t) * exp(-a_t),       log|det| = - sum_t sum_i a_{t,i}
 The inverse is exact and sequential, v_t = y_t * exp(a_t) + b_t, one position at a time; a KV cache makes each
-step one token's worth of work. The output head is zero-initialised (every block starts as the identity), the
+step one token's worth of work. The Jacobi inverse solves the same equations by parallel fixed-point sweeps,
+v <- y * exp(a(v)) + b(v) at every position at once; after sweep s the first s positions (in block order) are
+exact, so T sweeps give the exact inverse, and a block near the identity converges in a few. The output head is zero-initialised (every block starts as the identity), the
 log-scale is soft-clipped, a = clip * tanh(a_raw / clip), and the affine step and log-det run in float32.
 """
 
@@ -22,7 +24,8 @@ class CausalFlowBlock(nn.Module):
     giving each position t a state h_t from the positions before t; the teacher-forced forward pass; and the
     exact sequential inverse with a KV cache. A block type supplies
         _transform(w, h) -> (y, log|det| (B,))        the map of a whole sequence, in block order, float32
-        _invert_position(y_t, h_t) -> v_t              its inverse at one position, given that position's state
+        _invert_position(y_t, h_t) -> v_t              its inverse given the states, elementwise over any
+                                                       leading axes (one position, or all of them at once)
     """
 
     def __init__(self, d: int, seq_len: int, width: int, depth: int, heads: int, reverse: bool,
@@ -63,6 +66,28 @@ class CausalFlowBlock(nn.Module):
             if use_cache:
                 h_in = self.inp(w[:, t:t + 1])
         return self._in_order(w)
+
+    @torch.no_grad()
+    def inverse_jacobi(self, y: Tensor, tol: float = 1e-4, max_sweeps: int | None = None,
+                       init: Tensor | None = None) -> tuple[Tensor, int]:
+        """v = f_k^{-1}(y) by Jacobi sweeps: every position is inverted at once given the states computed from the
+        previous sweep's v. Stops when no entry moved by more than `tol`, or after `max_sweeps` (default, and at
+        most, T: the inverse is then exact up to float error). Starts from `init` (default y). Returns v and the
+        number of sweeps made."""
+        w_y = self._in_order(y).float()
+        T = w_y.shape[1]
+        max_sweeps = T if max_sweeps is None else min(max_sweeps, T)
+        w = (w_y if init is None else self._in_order(init).float()).clone()
+        start = self.start.expand(w.shape[0], 1, -1).to(w.dtype)
+        sweeps = 0
+        while sweeps < max_sweeps:
+            h = self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
+            new = self._invert_position(w_y, h)
+            moved = (new - w).abs().max().item()
+            w, sweeps = new, sweeps + 1
+            if moved <= tol:
+                break
+        return self._in_order(w), sweeps
 
 
 class AffineBlock(CausalFlowBlock):
