@@ -9,6 +9,17 @@ or the hidden states of flow block K-j+1 (align_target=hidden): generator layers
 in reverse order, since G runs z -> x and the flow u -> z. Sampling: z ~ N(0, tau^2 I), logits = G(z), tokens
 = argmax or a float64 draw.
 
+Prior pairs (config key model.generator.prior, issue #8). Encoded text covers the region of z-space that
+f(u(x)) reaches, which is not exactly N(0, I), and G is sampled on N(0, I). So a share `fraction` of every batch's
+rows can be prior pairs instead: u* = f^{-1}(z) for z ~ N(0, tau^2 I), with target x* = decode(u*), the teacher's
+own sample. They come from a pool of `pool` pairs, refilled by the exact inverse (sequential, or Jacobi sweeps)
+every `refresh_every` training steps (the trainer calls before_step). The pool stores u*, so a prior row goes
+through the flow like a data row (z = f(u*), which recovers z up to the inverse's tolerance, and the alignment
+targets along the way). The pool of refill r is drawn from a generator seeded by (train.seed, r) alone: every
+process builds the same pool, and a resumed run rebuilds the one it had. Prior rows are the rows of the global
+batch with index < round(fraction * batch), each with a pool entry drawn from the step's noise; evaluation
+(model.eval()) uses data pairs only.
+
 The flow is a frozen submodule: it is left out of the generator's state_dict (checkpoints hold G alone), and
 the run records which flow it stands on by path and weight hash.
 """
@@ -49,6 +60,8 @@ class OneStepGenerator(nn.Module):
         self.align = nn.ModuleList(nn.Linear(cfg.width, target_dim) for _ in self.pairs)
         for module in (self.inp, self.net, self.head, self.align):  # not the frozen flow
             init_weights(module)
+        self._pool: tuple[Tensor, Tensor] | None = None  # prior pairs (u*, x*), rebuilt from (seed, refill)
+        self._pool_refill: int | None = None
 
     # ---- the frozen flow is not part of the generator's weights -------------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -76,21 +89,85 @@ class OneStepGenerator(nn.Module):
                noise: BatchNoise | None = None):
         """z = f(u) for text x, with the flow's latents and block hidden states (the alignment targets). The
         noise of u comes from `noise` (the trainer's, see nn/noise.py), else `generator`."""
+        z, _, latents, hidden = self.flow.flow(self.sample_u(x, deterministic, generator, noise))
+        return z, latents, hidden
+
+    @torch.no_grad()
+    def sample_u(self, x: Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
+                 noise: BatchNoise | None = None) -> Tensor:
+        """u ~ q(.|x), or u = mu_x when deterministic."""
         if deterministic:
             eps = torch.zeros(*x.shape, self.d, device=x.device)
         elif noise is not None:
             eps = noise.randn(x.shape[0], x.shape[1], self.d, device=x.device)
         else:
             eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
-        u, _ = self.flow.codebook.sample(x, eps)
-        z, _, latents, hidden = self.flow.flow(u)
-        return z, latents, hidden
+        return self.flow.codebook.sample(x, eps)[0]
+
+    # ---- prior pairs --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prior_pairs(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, list[int]]:
+        """n prior pairs: u* = f^{-1}(z), z ~ N(0, tau^2 I), and x* = decode(u*); and the Jacobi sweeps per block
+        (the largest over the batches; empty for the sequential inverse)."""
+        p, device = self.cfg.prior, self.head.weight.device
+        us, sweeps = [], []
+        for start in range(0, n, 256):
+            z = p.tau * torch.randn(min(256, n - start), self.seq_len, self.d, device=device, generator=generator)
+            if p.inverse == "jacobi":
+                u, s = self.flow.inverse_jacobi(z, tol=p.tol, max_sweeps=p.max_sweeps)
+                sweeps = [max(a, b) for a, b in zip(sweeps, s)] if sweeps else s
+            else:
+                u = self.flow.inverse(z)
+            us.append(u)
+        u = torch.cat(us)
+        return u, self.flow.codebook.decode(u), sweeps
+
+    def before_step(self, step: int, seed: int) -> None:
+        """Called by the trainer before every training step: refill the prior-pair pool when it is due."""
+        p = self.cfg.prior
+        if p.fraction <= 0:
+            return
+        refill = step // p.refresh_every
+        if refill != self._pool_refill:
+            generator = torch.Generator(device=self.head.weight.device).manual_seed(seed * 1_000_003 + refill)
+            self._pool = self.prior_pairs(p.pool, generator)[:2]
+            self._pool_refill = refill
+
+    def _mix_prior(self, x: Tensor, u: Tensor, noise: BatchNoise | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Replace the prior rows of the batch by pool pairs: (u, targets, mask of the prior rows (B,))."""
+        rows = x.shape[0]
+        if noise is not None:
+            index, total = noise.index(rows, device=x.device)
+            draw = noise.shared_rand(total, device=x.device)[index]
+        else:
+            index, total = torch.arange(rows, device=x.device), rows
+            draw = torch.rand(rows, device=x.device)
+        prior = index < round(self.cfg.prior.fraction * total)
+        pool_u, pool_x = self._pool
+        pick = (draw * pool_u.shape[0]).long().clamp_max(pool_u.shape[0] - 1)
+        u = torch.where(prior[:, None, None], pool_u[pick].to(u.dtype), u)
+        return u, torch.where(prior[:, None], pool_x[pick], x), prior
 
     def loss(self, x: Tensor, noise: BatchNoise | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        z, latents, flow_hidden = self.encode(x, deterministic=self.cfg.deterministic_u, noise=noise)
+        use_prior = self.training and self.cfg.prior.fraction > 0
+        if use_prior and self._pool is None:
+            raise RuntimeError("prior pairs are on (model.generator.prior.fraction > 0) but the pool is empty: "
+                               "call before_step(step, seed) first (the trainer does)")
+        target, prior = x, None
+        if use_prior:
+            with torch.no_grad():
+                u = self.sample_u(x, deterministic=self.cfg.deterministic_u, noise=noise)
+                u, target, prior = self._mix_prior(x, u, noise)
+                z, _, latents, flow_hidden = self.flow.flow(u)
+        else:
+            z, latents, flow_hidden = self.encode(x, deterministic=self.cfg.deterministic_u, noise=noise)
         logits, states = self.logits(z, hidden=True)
-        ce = F.cross_entropy(logits.reshape(-1, self.vocab_size), x.reshape(-1)) / LN2
-        metrics = {"ce_bits": ce.detach(), "accuracy": (logits.argmax(-1) == x).float().mean().detach()}
+        ce = F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1)) / LN2
+        hits = (logits.argmax(-1) == target).float().detach()
+        metrics = {"ce_bits": ce.detach(), "accuracy": hits.mean()}
+        if prior is not None:
+            metrics["prior_accuracy"] = hits[prior].mean() if prior.any() else torch.zeros(())
+            metrics["data_accuracy"] = hits[~prior].mean() if (~prior).any() else torch.zeros(())
         loss = ce
         if self.pairs:
             align = self.alignment_loss(states, latents, flow_hidden)

@@ -1,4 +1,5 @@
-"""The one training loop. Every model plugs in by its forward pass: model(x, noise=None) -> (loss, metrics).
+"""The one training loop. Every model plugs in by its forward pass: model(x, noise=None) -> (loss, metrics),
+and may define before_step(step, seed), called on every process before each training step.
 
 AdamW with warmup and cosine decay, gradient clipping, optional bf16 autocast, torch.compile and an EMA of the
 weights, skipping of non-finite losses (counted; the run stops after `max_nonfinite` in a row and keeps its
@@ -247,6 +248,9 @@ class Trainer:
         finite on any process (the step is skipped everywhere, the weights untouched)."""
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, self.cfg, self.elapsed)
+        prepare = getattr(self.model, "before_step", None)
+        if prepare is not None:  # e.g. the generator's prior-pair pool (models/generator.py)
+            prepare(self.step, self.cfg.seed)
         x, noise_seed = self._global_batch()
         offset = self.dist.rank * self.local_batch
         sums, keys = None, None
