@@ -34,11 +34,12 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory, private_cache):
-    """`onestep-lm run` on configs/tiny.yaml, shortened: a flow run, a generator run and a report."""
+    """`onestep-lm run` on configs/tiny.yaml, shortened: a flow run, a generator run, a judge and a report."""
     from onestep_lm.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("pipeline") / "demo"
-    run_pipeline(TINY, out, overrides=["train.max_steps=80"], progress=False, n_samples=3)
+    run_pipeline(TINY, out, overrides=["train.max_steps=80", "train.judge={max_steps: 40}"], progress=False,
+                 n_samples=3, judged_samples=8)
     return out
 
 

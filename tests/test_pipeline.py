@@ -25,6 +25,19 @@ def test_run_writes_every_file_of_the_report(tiny_pipeline):
     assert "<=" in report and "teacher agreement" in report and "![" in report
 
 
+def test_run_trains_a_judge_and_writes_the_comparison(tiny_pipeline):
+    judge = json.loads((tiny_pipeline / "judge" / "train_summary.json").read_text())
+    assert judge["step"] == 40  # train.judge's override, on top of train.ar's
+    assert json.loads((tiny_pipeline / "judge" / "run.json").read_text())["kind"] == "ar"
+    for name in ("report.md", "report.json", "quality_vs_time.png", "perplexity_vs_entropy.png"):
+        assert (tiny_pipeline / "comparison" / name).stat().st_size > 0, name
+    results = json.loads((tiny_pipeline / "results.json").read_text())
+    settings = {(r["model"], r["setting"]) for r in results["comparison"]["rows"]}
+    assert {("flow", "flow-inverse tau=1"), ("generator", "onestep T=0"), ("generator", "onestep T=1")} <= settings
+    assert all(r["samples"]["n"] == 8 for r in results["comparison"]["rows"])
+    assert "Samples under a judge" in (tiny_pipeline / "report.md").read_text()
+
+
 def test_existing_output_folder_is_refused_and_left_alone(tiny_pipeline):
     before = {p: p.read_bytes() for p in tiny_pipeline.rglob("*") if p.is_file()}
     with pytest.raises(RunError, match="--resume"):

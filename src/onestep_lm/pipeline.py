@@ -7,6 +7,12 @@ evaluate both, sample with each sampler, and write a report folder:
     OUT/results.json   every figure of the report
     OUT/*.png          training curves of both stages, histogram of encoded z against the N(0, 1) density,
                        teacher agreement by position
+    OUT/judge/         the judge, an AR model (model.ar) trained on the training split with the train.ar
+                       settings and the train.judge overrides on top (shakespeare.yaml: longer than the baselines)
+    OUT/comparison/    `onestep-lm report` on the flow and the generator under that judge (evaluation/report.py):
+                       likelihood, judged samples, entropy, copying, speed; report.md, report.json, two PNGs
+The judge is `train` by default (the stage above); or an AR run folder or hf:PATH_OR_NAME to judge with (no
+judge stage then); or `none` (no judge stage and no comparison).
 An existing OUT is refused unless --resume is given; with --resume, finished stages are kept and an
 interrupted one continues from its newest checkpoint.
 """
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, load_config
+from .config import Config, config_from_dict, load_config
 from .data import prepare_data
 from .errors import DataError, RunError
 from .evaluation.generator import evaluate_generator
@@ -36,22 +42,32 @@ def default_config_path() -> Path:
     return Path(str(resources.files("onestep_lm") / "configs" / "shakespeare.yaml"))
 
 
-def _stage(kind: str, cfg: Config, out: Path, resume: bool, progress: bool) -> Path:
-    """Train one stage into OUT/kind, continuing or skipping it when resuming."""
-    run_dir = out / kind
+def judge_config(cfg: Config) -> Config:
+    """The judge's config: an AR model (model.ar) with train.judge's overrides on top of train.ar's."""
+    raw = cfg.to_dict()
+    raw["train"]["ar"] = {**raw["train"]["ar"], **raw["train"]["judge"]}
+    return config_from_dict(raw)
+
+
+def _stage(name: str, cfg: Config, out: Path, resume: bool, progress: bool) -> Path:
+    """Train one stage (flow, generator or judge) into OUT/name, continuing or skipping it when resuming."""
+    run_dir = out / name
     if (run_dir / "train_summary.json").is_file():  # written when a stage's training has finished
-        print(f"{kind}: already trained in {run_dir}", file=sys.stderr)
+        print(f"{name}: already trained in {run_dir}", file=sys.stderr)
         return run_dir
-    context, tokenizer = {}, None
-    if kind == "generator":
+    kind, context, tokenizer = name, {}, None
+    if name == "generator":
         cfg, context, tokenizer = generator_setup(cfg, out / "flow")
+    if name == "judge":
+        kind, cfg = "ar", judge_config(cfg)
     train_run(kind, cfg, run_dir, resume=resume and (run_dir / "run.json").is_file(), progress=progress,
               context=context, tokenizer=tokenizer)
     return run_dir
 
 
 def run_pipeline(config: str | Path | None = None, out: str | Path = "runs/demo", resume: bool = False,
-                 overrides: list[str] | tuple[str, ...] = (), progress: bool = True, n_samples: int = 8) -> Path:
+                 overrides: list[str] | tuple[str, ...] = (), progress: bool = True, n_samples: int = 8,
+                 judge: str = "train", judged_samples: int = 64) -> Path:
     out = Path(out)
     if not resume:
         check_new_run_dir(out)
@@ -97,6 +113,15 @@ def run_pipeline(config: str | Path | None = None, out: str | Path = "runs/demo"
              "agreement_by_position": plot_agreement_by_position(
                  gen_eval["teacher_agreement_by_position"], out / "agreement_by_position.png").name}
     results["plots"] = plots
+    if judge != "none":
+        from .evaluation.report import build_report
+
+        spec = str(_stage("judge", cfg, out, resume, progress)) if judge == "train" else judge
+        comparison = build_report([flow_dir, gen_dir], out / "comparison", judge=spec, n=judged_samples,
+                                  progress=progress)
+        compared = read_json(comparison.parent / "report.json")
+        results["comparison"] = {"judge": spec, "report": str(comparison.relative_to(out)),
+                                 "rows": compared["rows"], "data": compared["data"]}
     write_json(out / "results.json", results)
     write_text_atomic(out / "report.md", render_report(results))
     return out / "report.md"
@@ -134,6 +159,21 @@ def render_report(results: dict) -> str:
     lines += [f"![training curves]({results['plots']['training_curves']})", "",
               f"![latent histogram]({results['plots']['latent_histogram']})", "",
               f"![agreement by position]({results['plots']['agreement_by_position']})", ""]
+    if "comparison" in results:
+        c = results["comparison"]
+        lines += ["## Samples under a judge", "",
+                  f"Judge: {c['judge']}. The full comparison (every sampler setting, entropy, copying, speed, two "
+                  f"plots): [{c['report']}]({c['report']}).", "",
+                  "| model | sampler setting | judge bits/char | judge perplexity | unigram entropy (nats) |",
+                  "|---|---|---|---|---|"]
+        for row in c["rows"]:
+            sm = row["samples"]
+            lines.append(f"| {row['model']} | {row['setting']} | {sm['judge']['bits_per_char']:.3f} | "
+                         f"{sm['judge']['gen_perplexity']:.2f} | {sm['unigram_entropy_nats']:.3f} |")
+        d = c["data"]
+        lines += [f"| validation text | - | {d['judge']['bits_per_char']:.3f} | {d['judge']['gen_perplexity']:.2f} | "
+                  f"{d['unigram_entropy_nats']:.3f} |", "",
+                  f"{c['rows'][0]['samples']['n']} samples per setting, seed {c['rows'][0]['samples']['seed']}.", ""]
     lines += ["## Samples", ""]
     for sampler, texts in results["samples"].items():
         lines += [f"### {sampler} (seed 0)", ""]
