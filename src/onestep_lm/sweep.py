@@ -53,10 +53,21 @@ def _train(kind: str, cfg: Config, run_dir: Path, progress: bool, flow_dir: Path
               tokenizer=tokenizer)
 
 
-def _flow_figures(flow_dir: Path, progress: bool) -> dict:
+def _flow_figures(flow_dir: Path, judge, n: int, seed: int, progress: bool) -> dict:
     path = flow_dir / "sweep_flow.json"
-    if path.is_file():
-        return read_json(path)
+    figures = read_json(path) if path.is_file() else _measure_flow(flow_dir, progress)
+    if judge is not None and "samples" not in figures:  # the teacher's own samples: what G tries to match
+        from .evaluation.sample_eval import Setting, evaluate_samples
+
+        result = evaluate_samples(open_run(flow_dir), judge, Setting("flow-inverse"), n=n, seed=seed,
+                                  reference=False)
+        figures["samples"] = {k: result[k] for k in ("setting", "n", "seed", "judge", "unigram_entropy_nats",
+                                                      "word_validity", "examples") if k in result}
+    write_json(path, figures)
+    return figures
+
+
+def _measure_flow(flow_dir: Path, progress: bool) -> dict:
     flow = open_run(flow_dir)
     likelihood = evaluate_likelihood(flow, split="val", progress=progress)
     write_eval(flow, likelihood)
@@ -65,7 +76,6 @@ def _flow_figures(flow_dir: Path, progress: bool) -> dict:
                "bound": likelihood["bound"], "tokens": likelihood["tokens"],
                "train": read_json(flow_dir / "train_summary.json"),
                **transport_stats(flow.model, data.splits["val"].tokens, data.seq_len, flow.config.train.batch_size)}
-    write_json(path, figures)
     return figures
 
 
@@ -115,7 +125,7 @@ def run_sweep(config: str | Path, out: str | Path, weights: list[float], fractio
         flow_dir = out / f"beta{_label(w)}" / "flow"
         flow_dir.parent.mkdir(parents=True, exist_ok=True)
         _train("flow", cfg, flow_dir, progress)
-        flow = _flow_figures(flow_dir, progress)
+        flow = _flow_figures(flow_dir, the_judge, n, seed, progress)
         for f in fractions:
             gen_cfg = load_config(config, [*overrides, f"model.flow.transport.weight={w}",
                                            f"model.generator.prior.fraction={f}"])
@@ -134,12 +144,17 @@ def run_sweep(config: str | Path, out: str | Path, weights: list[float], fractio
 def plot_tradeoff(rows: list[dict], path: Path) -> Path:
     """The flow's bound against teacher agreement: one point per row, one line per prior-pair fraction."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for f in sorted({r["prior_fraction"] for r in rows}):
+    for i, f in enumerate(sorted({r["prior_fraction"] for r in rows})):
         pts = sorted((r["generator"]["teacher_agreement"], r["flow"]["bits_per_char"], r["weight"])
                      for r in rows if r["prior_fraction"] == f)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"prior-pair fraction {f:g}")
-        for agreement, bpc, w in pts:
-            ax.annotate(f"beta {w:g}", (agreement, bpc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for agreement, bpc, w in pts if i == 0 else []:
+            ax.annotate(f"beta {w:g}", (agreement, bpc), textcoords="offset points", xytext=(-8, 6), fontsize=8,
+                        ha="right")
+    unpenalised = [r["flow"]["bits_per_char"] for r in rows if r["weight"] == 0]
+    if unpenalised:
+        ax.axhline(1.1 * unpenalised[0], color="gray", linestyle="--", linewidth=1,
+                   label="bound of beta 0, +10%")
     ax.set_xlabel("teacher agreement on z ~ N(0, I)")
     ax.set_ylabel("flow bound, bits per character (<=)")
     ax.set_title("the transport trade-off")
@@ -156,15 +171,19 @@ def render_sweep(results: dict) -> str:
              "The flow's bound is an upper bound on the NLL (<=). Displacement: mean (z - u)^2 per coordinate on "
              "validation text, u ~ q(.|x). Agreement: argmax G(z) against the exact inverse's decoding on "
              "z ~ N(0, I). Reconstruction: argmax G(z) against held-out text, z = f(u(x)).", "",
+             "Judged samples: the flow's exact inverse (the teacher) and the generator (one step, argmax), each with "
+             "its mean per-sample unigram entropy in nats.", "",
              "| beta | prior fraction | flow bpc | displacement | z mean | z std | max abs dim mean | min dim std | "
-             "reconstruction | agreement | judge bits/char (T=0) | entropy (nats) |",
+             "reconstruction | agreement | teacher: judge bits/char, entropy | one-step T=0: judge bits/char, "
+             "entropy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     data = None
     for r in results["rows"]:
         fl, g = r["flow"], r["generator"]
         z = g["encoded_z"]
-        s = g.get("samples")
-        judged = (f"{s['judge']['bits_per_char']:.3f} | {s['unigram_entropy_nats']:.3f}" if s else "- | -")
+        s, t = g.get("samples"), fl.get("samples")
+        judged = " | ".join(f"{x['judge']['bits_per_char']:.3f}, {x['unigram_entropy_nats']:.3f}" if x else "-"
+                            for x in (t, s))
         data = (s or {}).get("data") or data
         lines.append(f"| {r['weight']:g} | {r['prior_fraction']:g} | <= {fl['bits_per_char']:.4f} | "
                      f"{fl['displacement_per_dim']:.4f} | {z['mean']:.4f} | {z['std']:.4f} | "
