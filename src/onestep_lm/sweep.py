@@ -33,6 +33,7 @@ from .errors import ConfigError  # noqa: E402
 from .evaluation.generator import evaluate_generator  # noqa: E402
 from .evaluation.latents import transport_stats  # noqa: E402
 from .evaluation.likelihood import evaluate_likelihood, write_eval  # noqa: E402
+from .evaluation.plots import save_figure  # noqa: E402
 from .io import read_json, write_json, write_text_atomic  # noqa: E402
 from .runs import generator_setup, open_run, train_run  # noqa: E402
 
@@ -158,12 +159,7 @@ def plot_tradeoff(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("teacher agreement on z ~ N(0, I)")
     ax.set_ylabel("flow bound, bits per character (<=)")
     ax.set_title("the transport trade-off")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def render_sweep(results: dict) -> str:

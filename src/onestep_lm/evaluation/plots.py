@@ -20,6 +20,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def save_figure(fig, ax, out: Path, grid: bool = True) -> Path:
+    """What every plot ends with: grid, legend, tight layout, the PNG at 120 dpi, the figure closed."""
+    if grid:
+        ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_training_curves(runs: dict[str, Path], out: Path) -> Path:
     """Training loss (and validation bits per token where logged) against step, one line per run. A flow's
     curves are its bound (`bound`, without the transport penalty) where it was logged."""
@@ -34,12 +45,7 @@ def plot_training_curves(runs: dict[str, Path], out: Path) -> Path:
             ax.plot(*zip(*val), "o--", label=f"{name} validation {key}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss, bits per token (flow: the bound)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, ax, out)
 
 
 def plot_latent_histogram(z, out: Path, title: str = "encoded validation z") -> Path:
@@ -51,11 +57,7 @@ def plot_latent_histogram(z, out: Path, title: str = "encoded validation z") -> 
     ax.plot(grid, np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), "k-", label="N(0, 1) density")
     ax.set_xlabel("z (all coordinates)")
     ax.set_ylabel("density")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, ax, out, grid=False)
 
 
 def plot_agreement_by_position(by_position, out: Path) -> Path:
@@ -67,9 +69,4 @@ def plot_agreement_by_position(by_position, out: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xlabel("position")
     ax.set_ylabel("agreement with the exact inverse")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, ax, out)
