@@ -63,6 +63,9 @@ def cmd_train(args) -> None:
                         tensorboard=args.tensorboard, context=context, tokenizer=tokenizer)
     if _rank() == 0:  # under torchrun, one summary
         print(json.dumps(summary))
+    from .train import distributed
+
+    distributed.finish()  # under torchrun: leave the process group together, before the interpreter exits
 
 
 def cmd_eval(args) -> None:

@@ -112,6 +112,15 @@ def teardown(info: Dist) -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """Leave the process group at the end of a successful command: every process waits for the others, then
+    destroys the group. Destroying it only at interpreter exit (the atexit fallback, kept for error paths) can
+    race with a peer that already left, and gloo may then abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def maximum(value: float, info: Dist, device: torch.device) -> float:
     """The largest value over all processes (the value itself when running alone)."""
     if not info.active:
