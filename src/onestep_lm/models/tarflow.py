@@ -7,8 +7,9 @@ positions before t only (the learned start token means position 0 is transformed
 The inverse is exact and sequential, v_t = y_t * exp(a_t) + b_t, one position at a time; a KV cache makes each
 step one token's worth of work. The Jacobi inverse solves the same equations by parallel fixed-point sweeps,
 v <- y * exp(a(v)) + b(v) at every position at once; after sweep s the first s positions (in block order) are
-exact, so T sweeps give the exact inverse, and a block near the identity converges in a few. The output head is zero-initialised (every block starts as the identity), the
-log-scale is soft-clipped, a = clip * tanh(a_raw / clip), and the affine step and log-det run in float32.
+exact, so T sweeps give the exact inverse, and a block near the identity converges in a few. The output head is
+zero-initialised (every block starts as the identity), the log-scale is soft-clipped, a = clip * tanh(a_raw /
+clip), and the affine step and log-det run in float32.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ class CausalFlowBlock(nn.Module):
     def _in_order(self, v: Tensor) -> Tensor:
         return v.flip(1) if self.reverse else v
 
+    def _states(self, w: Tensor) -> Tensor:
+        """The state h_t of every position from [start, w_0, ..., w_{T-2}] (block order): (B, T, width)."""
+        start = self.start.to(w.dtype).expand(w.shape[0], 1, -1)
+        return self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
+
     def forward(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """y = f_k(v), its log|det| per sequence (B,), and the transformer's hidden states (B, T, width), all in
         the natural position order (the state at t is computed from the positions before t in block order)."""
         w = self._in_order(v)
-        start = self.start.to(w.dtype).expand(w.shape[0], 1, -1)
-        h = self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
+        h = self._states(w)
         y, logdet = self._transform(w, h)
         return self._in_order(y), logdet, self._in_order(h)
 
@@ -78,11 +83,9 @@ class CausalFlowBlock(nn.Module):
         T = w_y.shape[1]
         max_sweeps = T if max_sweeps is None else min(max_sweeps, T)
         w = (w_y if init is None else self._in_order(init).float()).clone()
-        start = self.start.expand(w.shape[0], 1, -1).to(w.dtype)
         sweeps = 0
         while sweeps < max_sweeps:
-            h = self.net(torch.cat([start, self.inp(w[:, :-1])], dim=1))
-            new = self._invert_position(w_y, h)
+            new = self._invert_position(w_y, self._states(w))
             moved = (new - w).abs().max().item()
             w, sweeps = new, sweeps + 1
             if moved <= tol:
