@@ -2,14 +2,12 @@
 
 Every key is checked: an unknown key names the allowed ones, a wrong type names the expected one, and a
 value outside its choices names the allowed values. A config is saved with each run (config.yaml) so that a
-run folder is self-describing.
+run folder is self-describing. The machinery that builds and checks dataclasses from mappings is in schema.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .schema import build, divides, positive, to_plain
 
 MODEL_KINDS = ("flow", "generator", "ar", "mdlm")
 OVERRIDE_SECTIONS = (*MODEL_KINDS, "judge")  # train.<section>: per-model overrides of the train keys
@@ -45,8 +44,8 @@ class DataConfig:
         if self.tokenizer == "gpt2" and not self.tokenizer_path:
             raise ConfigError("config key data.tokenizer_path (a folder with encoder.json and vocab.bpe) is "
                               "required when data.tokenizer is 'gpt2'")
-        _positive("data.seq_len", self.seq_len, minimum=2)
-        _positive("data.vocab_size", self.vocab_size, minimum=2)
+        positive("data.seq_len", self.seq_len, minimum=2)
+        positive("data.vocab_size", self.vocab_size, minimum=2)
         if len(self.split) not in (2, 3) or any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
             raise ConfigError(f"config key data.split: {self.split} must be 2 or 3 non-negative fractions "
                               "summing to 1 (train, val[, test])")
@@ -98,10 +97,10 @@ class FlowConfig:
     def validate(self) -> None:
         self.transport.validate()
         for key in ("d", "layers_per_block", "width", "heads", "mlp_ratio", "mixture_components"):
-            _positive(f"model.flow.{key}", getattr(self, key))
-        _divides("model.flow", self.width, self.heads)
-        _positive("model.flow.clip", self.clip)
-        _positive("model.flow.sigma_init", self.sigma_init)
+            positive(f"model.flow.{key}", getattr(self, key))
+        divides("model.flow", self.width, self.heads)
+        positive("model.flow.clip", self.clip)
+        positive("model.flow.sigma_init", self.sigma_init)
         K = self.num_blocks()
         s = self.freeze_schedule
         if len(s) > K or any(v < 0 for v in s) or any(a > b for a, b in zip(s, s[1:])):
@@ -114,7 +113,7 @@ class FlowConfig:
     def block_specs(self) -> list[dict[str, Any]]:
         """One {type, layers, components} per flow block, in order (validated)."""
         if isinstance(self.blocks, int):
-            _positive("model.flow.blocks", self.blocks)
+            positive("model.flow.blocks", self.blocks)
             return [{"type": "affine", "layers": self.layers_per_block, "components": self.mixture_components}
                     for _ in range(self.blocks)]
         specs = []
@@ -156,8 +155,8 @@ class BackboneConfig:
 
     def validate(self, name: str = "model") -> None:
         for key in ("width", "depth", "heads", "mlp_ratio"):
-            _positive(f"{name}.{key}", getattr(self, key))
-        _divides(name, self.width, self.heads)
+            positive(f"{name}.{key}", getattr(self, key))
+        divides(name, self.width, self.heads)
 
 
 @dataclass
@@ -178,13 +177,13 @@ class PriorPairsConfig:
     def validate(self) -> None:
         if not 0 <= self.fraction <= 1:
             raise ConfigError(f"config key model.generator.prior.fraction: {self.fraction} must be in [0, 1]")
-        _positive("model.generator.prior.pool", self.pool)
-        _positive("model.generator.prior.refresh_every", self.refresh_every)
-        _positive("model.generator.prior.tau", self.tau)
+        positive("model.generator.prior.pool", self.pool)
+        positive("model.generator.prior.refresh_every", self.refresh_every)
+        positive("model.generator.prior.tau", self.tau)
         if self.tol < 0:
             raise ConfigError(f"config key model.generator.prior.tol: {self.tol} must be >= 0")
         if self.max_sweeps is not None:
-            _positive("model.generator.prior.max_sweeps", self.max_sweeps)
+            positive("model.generator.prior.max_sweeps", self.max_sweeps)
 
 
 @dataclass
@@ -270,13 +269,13 @@ class TrainConfig:
             self.for_model(kind)  # the overrides are checked like any key
 
     def _check_ranges(self) -> None:
-        _positive("train.batch_size", self.batch_size)
-        _positive("train.lr", self.lr)
-        _positive("train.max_steps", self.max_steps)
-        _positive("train.log_every", self.log_every)
-        _positive("train.checkpoint_every", self.checkpoint_every)
-        _positive("train.keep_last", self.keep_last)
-        _positive("train.max_nonfinite", self.max_nonfinite)
+        positive("train.batch_size", self.batch_size)
+        positive("train.lr", self.lr)
+        positive("train.max_steps", self.max_steps)
+        positive("train.log_every", self.log_every)
+        positive("train.checkpoint_every", self.checkpoint_every)
+        positive("train.keep_last", self.keep_last)
+        positive("train.max_nonfinite", self.max_nonfinite)
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("config keys train.warmup_steps and train.eval_every must be >= 0")
         if self.ema is not None and not 0 < self.ema < 1:
@@ -295,7 +294,7 @@ class TrainConfig:
             if key not in merged:
                 raise ConfigError(f"unknown config key 'train.{kind}.{key}'; allowed keys: {', '.join(merged)}")
             merged[key] = value
-        cfg = _build(TrainConfig, merged, "train." + kind)
+        cfg = build(TrainConfig, merged, "train." + kind)
         cfg._check_ranges()
         return cfg
 
@@ -313,7 +312,7 @@ class Config:
         return self
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
     def save(self, path: Path) -> None:
         from .io import write_text_atomic
@@ -341,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(raw: dict) -> Config:
-    return _build(Config, raw, "").validate()
+    return build(Config, raw, "").validate()
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -356,100 +355,3 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-
-
-def _build(cls, raw: Any, where: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config key {where or '(top level)'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
-        raise ConfigError(f"unknown config key '{key}'; allowed keys: {', '.join(names)}")
-    values = {}
-    for name in names:
-        if name in raw:
-            values[name] = _coerce(raw[name], hints[name], f"{where}.{name}" if where else name)
-    obj = cls(**values)
-    for name, allowed in getattr(cls, "CHOICES", {}).items():
-        if getattr(obj, name) not in allowed:
-            raise ConfigError(f"config key {where}.{name}: {getattr(obj, name)!r} is not one of "
-                              f"{', '.join(map(str, allowed))}")
-    return obj
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key {where}: {value!r} is not of type {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {where}: {value!r} is not a list")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {where}: {value!r} is not a mapping")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"config key {where}: {value!r} is not of type {_type_name(tp)}")
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    names = {type(None): "null", int: "integer", float: "number", str: "string", bool: "boolean (true/false)"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _positive(key: str, value: float, minimum: float | None = None) -> None:
-    if minimum is None and value <= 0:
-        raise ConfigError(f"config key {key}: {value} must be > 0")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"config key {key}: {value} must be >= {minimum}")
-
-
-def _divides(name: str, width: int, heads: int) -> None:
-    if width % heads:
-        raise ConfigError(f"config key {name}.heads: {heads} must divide {name}.width ({width})")
