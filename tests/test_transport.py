@@ -162,7 +162,7 @@ def test_prior_rows_train_on_pool_pairs_and_evaluation_uses_data_only():
     x = torch.randint(0, 5, (8, 6))
     loss, metrics = gen(x, noise=BatchNoise(1))
     assert "prior_accuracy" in metrics and torch.isfinite(loss)
-    u = gen.sample_u(x, noise=BatchNoise(1))
+    u = gen.flow.draw_u(x, noise=BatchNoise(1))[0]
     mixed_u, target, prior = gen._mix_prior(x, u, BatchNoise(1))
     assert prior.tolist() == [True] * 4 + [False] * 4
     pool_u, pool_x = gen._pool

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError, RunError
+from .errors import DataError
 from .runs import Run, open_run
 from .sampling import sample_tokens
 
@@ -36,19 +36,11 @@ class LoadedModel:
             out.append(torch.tensor(ids, dtype=torch.long, device=self.run.device))
         return out
 
-    def _flow(self):
-        """The flow of a flow run, or the frozen flow a generator stands on."""
-        if self.run.kind == "flow":
-            return self.model
-        if self.run.kind == "generator":
-            return self.model.flow
-        raise RunError(f"a {self.run.kind} run has no flow to encode or decode with")
-
     @torch.no_grad()
     def encode(self, texts: list[str] | str, sample: bool = False, seed: int = 0):
         """Latents z = f(u) of each text (u = mu_x, or u ~ q(.|x) with sample=True): a (B, L, d) tensor when
         all texts have L tokens, else a list of (L_i, d) tensors."""
-        flow = self._flow()
+        flow = self.run.flow
         generator = torch.Generator(device=self.run.device).manual_seed(seed)
         zs = [flow.encode(x[None], sample=sample, generator=generator)[0] for x in self.tokenize(texts)]
         return torch.stack(zs) if len({z.shape for z in zs}) == 1 else zs
@@ -56,7 +48,7 @@ class LoadedModel:
     @torch.no_grad()
     def decode(self, z) -> list[str]:
         """Texts from latents: the flow's exact inverse, then the tied decoder."""
-        flow = self._flow()
+        flow = self.run.flow
         zs = [z] if isinstance(z, torch.Tensor) and z.dim() == 2 else list(z)
         return [self.tokenizer.decode(flow.decode(zi[None].to(self.run.device).float())[0].tolist()) for zi in zs]
 

@@ -19,7 +19,6 @@ interrupted one continues from its newest checkpoint.
 
 from __future__ import annotations
 
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from .evaluation.latents import encoded_latents, latent_stats
 from .evaluation.likelihood import evaluate_likelihood, write_eval
 from .evaluation.plots import plot_agreement_by_position, plot_latent_histogram, plot_training_curves
 from .io import read_json, write_json, write_text_atomic
-from .runs import check_new_run_dir, generator_setup, open_run, train_run
+from .runs import check_new_run_dir, open_run, train_stage
 from .sampling import sample_tokens
 
 
@@ -49,20 +48,12 @@ def judge_config(cfg: Config) -> Config:
     return config_from_dict(raw)
 
 
-def _stage(name: str, cfg: Config, out: Path, resume: bool, progress: bool) -> Path:
-    """Train one stage (flow, generator or judge) into OUT/name, continuing or skipping it when resuming."""
-    run_dir = out / name
-    if (run_dir / "train_summary.json").is_file():  # written when a stage's training has finished
-        print(f"{name}: already trained in {run_dir}", file=sys.stderr)
-        return run_dir
-    kind, context, tokenizer = name, {}, None
-    if name == "generator":
-        cfg, context, tokenizer = generator_setup(cfg, out / "flow")
+def _stage(name: str, cfg: Config, out: Path, progress: bool) -> Path:
+    """Train one stage (flow, generator or judge) into OUT/name; a finished one is kept, an interrupted one
+    continues (only a --resume run can hold either: a new OUT is refused unless empty)."""
     if name == "judge":
-        kind, cfg = "ar", judge_config(cfg)
-    train_run(kind, cfg, run_dir, resume=resume and (run_dir / "run.json").is_file(), progress=progress,
-              context=context, tokenizer=tokenizer)
-    return run_dir
+        return train_stage("ar", judge_config(cfg), out / name, progress=progress)
+    return train_stage(name, cfg, out / name, progress=progress, flow_dir=out / "flow")
 
 
 def run_pipeline(config: str | Path | None = None, out: str | Path = "runs/demo", resume: bool = False,
@@ -77,8 +68,8 @@ def run_pipeline(config: str | Path | None = None, out: str | Path = "runs/demo"
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
 
-    flow_dir = _stage("flow", cfg, out, resume, progress)
-    gen_dir = _stage("generator", cfg, out, resume, progress)
+    flow_dir = _stage("flow", cfg, out, progress)
+    gen_dir = _stage("generator", cfg, out, progress)
     flow, gen = open_run(flow_dir), open_run(gen_dir)
     results: dict = {"config": cfg.to_dict(), "flow": {"run": str(flow_dir)}}
     for split in ("val", "test"):
@@ -116,7 +107,7 @@ def run_pipeline(config: str | Path | None = None, out: str | Path = "runs/demo"
     if judge != "none":
         from .evaluation.report import build_report
 
-        spec = str(_stage("judge", cfg, out, resume, progress)) if judge == "train" else judge
+        spec = str(_stage("judge", cfg, out, progress)) if judge == "train" else judge
         comparison = build_report([flow_dir, gen_dir], out / "comparison", judge=spec, n=judged_samples,
                                   progress=progress)
         compared = read_json(comparison.parent / "report.json")

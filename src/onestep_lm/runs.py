@@ -123,6 +123,15 @@ class Run:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def flow(self) -> nn.Module:
+        """The flow of a flow run, or the frozen flow a generator stands on."""
+        if self.kind == "flow":
+            return self.model
+        if self.kind == "generator":
+            return self.model.flow
+        raise RunError(f"a {self.kind} run has no flow to encode or decode with")
+
 
 def open_run(run_dir: str | Path, device: str | torch.device = "cpu", ema: bool | None = None) -> Run:
     """Load a run folder: its config, tokenizer and the newest valid checkpoint's weights. When the run was
@@ -163,3 +172,20 @@ def generator_setup(cfg: Config, flow_dir: str | Path) -> tuple[Config, dict, ob
     merged = Config(data=flow_cfg.data, model=cfg.model, train=cfg.train)
     merged.model.flow = flow_cfg.model.flow
     return merged.validate(), {"flow_dir": flow_dir}, load_tokenizer(flow_dir / "tokenizer.json")
+
+
+def train_stage(kind: str, cfg: Config, run_dir: Path, *, progress: bool = True,
+                flow_dir: Path | None = None) -> Path:
+    """Train one stage of a larger job (`onestep-lm run`, `onestep-lm sweep`) into `run_dir`: kept as it is when
+    its training has finished (train_summary.json), continued from its newest checkpoint when it was interrupted
+    (run.json without a summary), else trained anew. A generator stands on the flow in `flow_dir`."""
+    run_dir = Path(run_dir)
+    if (run_dir / "train_summary.json").is_file():
+        print(f"{run_dir}: already trained; kept", file=sys.stderr)
+        return run_dir
+    context, tokenizer = {}, None
+    if kind == "generator":
+        cfg, context, tokenizer = generator_setup(cfg, flow_dir)
+    train_run(kind, cfg, run_dir, resume=(run_dir / "run.json").is_file(), progress=progress, context=context,
+              tokenizer=tokenizer)
+    return run_dir

@@ -17,8 +17,8 @@ from .errors import ConfigError
 from .nn.draws import categorical  # noqa: F401  (re-exported: samplers draw through it)
 from .runs import Run
 
-SAMPLERS = {"flow": ("flow-inverse", "flow-jacobi"), "generator": ("onestep", "flow-inverse", "flow-jacobi"), "ar": ("ar",),
-            "mdlm": ("mdlm",)}
+SAMPLERS = {"flow": ("flow-inverse", "flow-jacobi"), "generator": ("onestep", "flow-inverse", "flow-jacobi"),
+            "ar": ("ar",), "mdlm": ("mdlm",)}
 DEFAULT_TEMPERATURE = {"onestep": 0.0, "ar": 1.0, "mdlm": 1.0}  # one-step: argmax; baselines: ancestral draws
 
 
@@ -45,18 +45,16 @@ def sample_tokens(run: Run, n: int, sampler: str | None = None, seed: int = 0, s
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if steps is not None and steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
-    if sampler in ("flow-inverse", "flow-jacobi"):
-        flow = run.model.flow if run.kind == "generator" else run.model
-        if sampler == "flow-inverse":
-            return flow.sample(n, seq_len, tau=tau, generator=generator)
+    if sampler == "flow-inverse":
+        return run.flow.sample(n, seq_len, tau=tau, generator=generator)
+    if sampler == "flow-jacobi":
         if tol < 0 or (max_sweeps is not None and max_sweeps < 1):
             raise ConfigError(f"flow-jacobi needs tol >= 0 and max_sweeps >= 1; got tol {tol}, max_sweeps "
                               f"{max_sweeps}")
-        jacobi = {"tol": tol, "max_sweeps": max_sweeps}
-        tokens = flow.sample(n, seq_len, tau=tau, generator=generator, jacobi=jacobi)
+        u, sweeps = run.flow.inverse_jacobi(run.flow.prior_sample(n, seq_len, tau, generator), tol, max_sweeps)
         if info is not None:
-            info["sweeps"] = jacobi["sweeps"]
-        return tokens
+            info["sweeps"] = sweeps
+        return run.flow.codebook.decode(u)
     if sampler == "onestep":
         return run.model.sample(n, seq_len, tau=tau, temperature=temperature, generator=generator)
     if sampler == "ar":

@@ -19,7 +19,6 @@ differ (e.g. one process per CPU core), and a last call with every weight collec
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import Config, load_config  # noqa: E402
+from .config import load_config  # noqa: E402
 from .data import prepare_data  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .evaluation.generator import evaluate_generator  # noqa: E402
@@ -35,23 +34,11 @@ from .evaluation.latents import transport_stats  # noqa: E402
 from .evaluation.likelihood import evaluate_likelihood, write_eval  # noqa: E402
 from .evaluation.plots import save_figure  # noqa: E402
 from .io import read_json, write_json, write_text_atomic  # noqa: E402
-from .runs import generator_setup, open_run, train_run  # noqa: E402
+from .runs import open_run, train_stage  # noqa: E402
 
 
 def _label(value: float) -> str:
     return f"{value:g}"
-
-
-def _train(kind: str, cfg: Config, run_dir: Path, progress: bool, flow_dir: Path | None = None) -> None:
-    """Train one stage unless it has finished; continue it when it was interrupted."""
-    if (run_dir / "train_summary.json").is_file():
-        print(f"{run_dir}: already trained", file=sys.stderr)
-        return
-    context, tokenizer = {}, None
-    if kind == "generator":
-        cfg, context, tokenizer = generator_setup(cfg, flow_dir)
-    train_run(kind, cfg, run_dir, resume=(run_dir / "run.json").is_file(), progress=progress, context=context,
-              tokenizer=tokenizer)
 
 
 def _flow_figures(flow_dir: Path, judge, n: int, seed: int, progress: bool) -> dict:
@@ -125,13 +112,13 @@ def run_sweep(config: str | Path, out: str | Path, weights: list[float], fractio
         cfg = load_config(config, [*overrides, f"model.flow.transport.weight={w}"])
         flow_dir = out / f"beta{_label(w)}" / "flow"
         flow_dir.parent.mkdir(parents=True, exist_ok=True)
-        _train("flow", cfg, flow_dir, progress)
+        train_stage("flow", cfg, flow_dir, progress=progress)
         flow = _flow_figures(flow_dir, the_judge, n, seed, progress)
         for f in fractions:
             gen_cfg = load_config(config, [*overrides, f"model.flow.transport.weight={w}",
                                            f"model.generator.prior.fraction={f}"])
             gen_dir = flow_dir.parent / f"gen_prior{_label(f)}"
-            _train("generator", gen_cfg, gen_dir, progress, flow_dir=flow_dir)
+            train_stage("generator", gen_cfg, gen_dir, progress=progress, flow_dir=flow_dir)
             rows.append({"weight": w, "kind": cfg.model.flow.transport.kind, "prior_fraction": f,
                          "flow": flow, "generator": _generator_figures(gen_dir, the_judge, n, seed, progress)})
     results = {"config": base.to_dict(), "weights": list(weights), "prior_fractions": list(fractions),

@@ -57,7 +57,7 @@ def flops_per_sample(run: Run, setting: Setting, L: int, nfe: float | None = Non
     """Analytic matmul FLOPs to generate one sequence of L tokens with a setting (MDLM: `nfe` network calls)."""
     m = run.model
     if setting.sampler == "flow-inverse":
-        return flow_inverse_flops(m.flow if run.kind == "generator" else m, L)
+        return flow_inverse_flops(run.flow, L)
     if setting.sampler == "onestep":  # one bidirectional pass of G over L positions (the alignment heads unused)
         return L * linear_flops(m.inp, m.net, m.head) + attention_flops(m.net, L * L)
     if setting.sampler == "ar":  # L single-position passes with a KV cache (BOS, then x_0 .. x_{L-2})

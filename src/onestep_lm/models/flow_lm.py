@@ -108,15 +108,23 @@ class FlowLM(nn.Module):
         return v, sweeps
 
     # ---- the objective ----------------------------------------------------------------------------------
+    def draw_u(self, x: Tensor, generator: torch.Generator | None = None, noise: BatchNoise | None = None,
+               deterministic: bool = False) -> tuple[Tensor, Tensor]:
+        """u ~ q(.|x) and log q(u|x) per position, (B, T, d) and (B, T); u = mu_x when deterministic. The noise
+        comes from `noise` (the trainer's, see nn/noise.py), else `generator`."""
+        if deterministic:
+            eps = torch.zeros(*x.shape, self.d, device=x.device)
+        elif noise is not None:
+            eps = noise.randn(x.shape[0], x.shape[1], self.d, device=x.device)
+        else:
+            eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
+        return self.codebook.sample(x, eps)
+
     def elbo_terms(self, x: Tensor, generator: torch.Generator | None = None,
                    noise: BatchNoise | None = None) -> dict[str, Tensor]:
         """The ELBO's terms in nats per sequence (B,), with `neg_elbo` their sum, and the latents. The noise
         of u ~ q(.|x) comes from `noise` (the trainer's, see nn/noise.py), else `generator`."""
-        if noise is not None:
-            eps = noise.randn(x.shape[0], x.shape[1], self.d, device=x.device)
-        else:
-            eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
-        u, log_q = self.codebook.sample(x, eps)
+        u, log_q = self.draw_u(x, generator, noise)
         z, logdet, latents, _ = self.flow(u)
         decoder = -self.codebook.log_posterior(u).gather(-1, x.unsqueeze(-1)).squeeze(-1).sum(-1)
         prior = 0.5 * (z ** 2).sum(dim=(1, 2)) + 0.5 * z.shape[1] * self.d * LOG_2PI
@@ -160,23 +168,21 @@ class FlowLM(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """z = f(u) with u = mu_x (default) or u ~ q(.|x)."""
-        eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator) if sample else \
-            torch.zeros(*x.shape, self.d, device=x.device)
-        return self.flow(self.codebook.sample(x, eps)[0])[0]
+        return self.flow(self.draw_u(x, generator, deterministic=not sample)[0])[0]
 
     @torch.no_grad()
     def decode(self, z: Tensor, use_cache: bool = True) -> Tensor:
         """Tokens from latents: the exact inverse, then the tied decoder's argmax."""
         return self.codebook.decode(self.inverse(z, use_cache=use_cache))
 
+    def prior_sample(self, n: int, seq_len: int | None = None, tau: float = 1.0,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """z ~ N(0, tau^2 I): (n, seq_len, d)."""
+        device = self.codebook.mu.device
+        return tau * torch.randn(n, seq_len or self.seq_len, self.d, device=device, generator=generator)
+
     @torch.no_grad()
     def sample(self, n: int, seq_len: int | None = None, tau: float = 1.0,
-               generator: torch.Generator | None = None, jacobi: dict | None = None) -> Tensor:
-        """z ~ N(0, tau^2 I) -> exact inverse -> decode. With `jacobi` ({"tol", "max_sweeps"}) the inverse is
-        made by Jacobi sweeps, and the sweeps each block made are added to that dict under "sweeps"."""
-        device = self.codebook.mu.device
-        z = tau * torch.randn(n, seq_len or self.seq_len, self.d, device=device, generator=generator)
-        if jacobi is None:
-            return self.decode(z)
-        u, jacobi["sweeps"] = self.inverse_jacobi(z, jacobi.get("tol", 1e-4), jacobi.get("max_sweeps"))
-        return self.codebook.decode(u)
+               generator: torch.Generator | None = None) -> Tensor:
+        """z ~ N(0, tau^2 I) -> exact inverse -> decode."""
+        return self.decode(self.prior_sample(n, seq_len, tau, generator))

@@ -89,38 +89,20 @@ class OneStepGenerator(nn.Module):
                noise: BatchNoise | None = None):
         """z = f(u) for text x, with the flow's latents and block hidden states (the alignment targets). The
         noise of u comes from `noise` (the trainer's, see nn/noise.py), else `generator`."""
-        z, _, latents, hidden = self.flow.flow(self.sample_u(x, deterministic, generator, noise))
+        z, _, latents, hidden = self.flow.flow(self.flow.draw_u(x, generator, noise, deterministic)[0])
         return z, latents, hidden
-
-    @torch.no_grad()
-    def sample_u(self, x: Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
-                 noise: BatchNoise | None = None) -> Tensor:
-        """u ~ q(.|x), or u = mu_x when deterministic."""
-        if deterministic:
-            eps = torch.zeros(*x.shape, self.d, device=x.device)
-        elif noise is not None:
-            eps = noise.randn(x.shape[0], x.shape[1], self.d, device=x.device)
-        else:
-            eps = torch.randn(*x.shape, self.d, device=x.device, generator=generator)
-        return self.flow.codebook.sample(x, eps)[0]
 
     # ---- prior pairs --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prior_pairs(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, list[int]]:
-        """n prior pairs: u* = f^{-1}(z), z ~ N(0, tau^2 I), and x* = decode(u*); and the Jacobi sweeps per block
-        (the largest over the batches; empty for the sequential inverse)."""
-        p, device = self.cfg.prior, self.head.weight.device
-        us, sweeps = [], []
+    def prior_pairs(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n prior pairs: u* = f^{-1}(z), z ~ N(0, tau^2 I), and x* = decode(u*), inverted 256 at a time."""
+        p, us = self.cfg.prior, []
         for start in range(0, n, 256):
-            z = p.tau * torch.randn(min(256, n - start), self.seq_len, self.d, device=device, generator=generator)
-            if p.inverse == "jacobi":
-                u, s = self.flow.inverse_jacobi(z, tol=p.tol, max_sweeps=p.max_sweeps)
-                sweeps = [max(a, b) for a, b in zip(sweeps, s)] if sweeps else s
-            else:
-                u = self.flow.inverse(z)
-            us.append(u)
+            z = self.flow.prior_sample(min(256, n - start), tau=p.tau, generator=generator)
+            us.append(self.flow.inverse_jacobi(z, p.tol, p.max_sweeps)[0] if p.inverse == "jacobi"
+                      else self.flow.inverse(z))
         u = torch.cat(us)
-        return u, self.flow.codebook.decode(u), sweeps
+        return u, self.flow.codebook.decode(u)
 
     def before_step(self, step: int, seed: int) -> None:
         """Called by the trainer before every training step: refill the prior-pair pool when it is due."""
@@ -130,7 +112,7 @@ class OneStepGenerator(nn.Module):
         refill = step // p.refresh_every
         if refill != self._pool_refill:
             generator = torch.Generator(device=self.head.weight.device).manual_seed(seed * 1_000_003 + refill)
-            self._pool = self.prior_pairs(p.pool, generator)[:2]
+            self._pool = self.prior_pairs(p.pool, generator)
             self._pool_refill = refill
 
     def _mix_prior(self, x: Tensor, u: Tensor, noise: BatchNoise | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -153,14 +135,12 @@ class OneStepGenerator(nn.Module):
         if use_prior and self._pool is None:
             raise RuntimeError("prior pairs are on (model.generator.prior.fraction > 0) but the pool is empty: "
                                "call before_step(step, seed) first (the trainer does)")
+        u = self.flow.draw_u(x, noise=noise, deterministic=self.cfg.deterministic_u)[0]
         target, prior = x, None
         if use_prior:
-            with torch.no_grad():
-                u = self.sample_u(x, deterministic=self.cfg.deterministic_u, noise=noise)
-                u, target, prior = self._mix_prior(x, u, noise)
-                z, _, latents, flow_hidden = self.flow.flow(u)
-        else:
-            z, latents, flow_hidden = self.encode(x, deterministic=self.cfg.deterministic_u, noise=noise)
+            u, target, prior = self._mix_prior(x, u, noise)
+        with torch.no_grad():  # the flow is frozen
+            z, _, latents, flow_hidden = self.flow.flow(u)
         logits, states = self.logits(z, hidden=True)
         ce = F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1)) / LN2
         hits = (logits.argmax(-1) == target).float().detach()
